@@ -1,0 +1,15 @@
+"""kombu-sqlite: Celery's broker in one SQLite file.
+
+``import kombu_sqlite`` registers the ``sqlite://`` URL scheme with kombu, so
+``broker_url = "sqlite:///queue.db"`` works in any Celery project.  See
+:mod:`kombu_sqlite.transport` for features and transport options.
+"""
+from kombu.transport import TRANSPORT_ALIASES
+
+from .errors import DatabaseError, QueueFull
+
+__all__ = ['DatabaseError', 'QueueFull', 'TRANSPORT']
+__version__ = '0.1.0'
+
+TRANSPORT = 'kombu_sqlite.transport:Transport'
+TRANSPORT_ALIASES.setdefault('sqlite', TRANSPORT)

@@ -1,0 +1,150 @@
+"""Queues, exchanges and bindings, stored so that every process routes alike."""
+from __future__ import annotations
+
+import json
+import time
+
+from .db import Database, retry_busy
+
+# Queue arguments understood here; the rest are kept but not acted on.
+# x-message-ttl and x-expires are milliseconds, as in AMQP.
+KNOWN_QUEUE_ARGUMENTS = ('x-message-ttl', 'x-expires')
+
+
+def _seconds(arguments: dict, name: str, queue: str):
+    value = arguments.get(name)
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f'queue {queue!r}: argument {name}={value!r} must be a number of '
+            f'milliseconds') from None
+    if ms < 0 or (name == 'x-expires' and ms == 0):
+        raise ValueError(f'queue {queue!r}: argument {name}={value!r} must be positive')
+    return ms / 1000.0
+
+
+class Catalog(Database):
+    """The routing state: what exists and what is bound to what."""
+
+    DECLARE_QUEUE = """
+        INSERT INTO kombu_queue
+            (name, arguments, message_ttl, expires, auto_delete, declared_at, last_used_at)
+        VALUES (:name, :arguments, :message_ttl, :expires, :auto_delete, :now, :now)
+        ON CONFLICT (name) DO UPDATE SET
+            arguments = excluded.arguments, message_ttl = excluded.message_ttl,
+            expires = excluded.expires, auto_delete = excluded.auto_delete,
+            last_used_at = excluded.last_used_at
+    """
+
+    @retry_busy
+    def declare_queue(self, name: str, arguments: dict | None = None,
+                      auto_delete: bool = False) -> None:
+        arguments = dict(arguments or {})
+        self.conn.execute(self.DECLARE_QUEUE, {
+            'name': name,
+            'arguments': json.dumps(arguments, default=str),
+            'message_ttl': _seconds(arguments, 'x-message-ttl', name),
+            'expires': _seconds(arguments, 'x-expires', name),
+            'auto_delete': int(bool(auto_delete)),
+            'now': time.time(),
+        })
+
+    def has_queue(self, name: str) -> bool:
+        return self.conn.execute(
+            'SELECT 1 FROM kombu_queue WHERE name = ?', (name,)).fetchone() is not None
+
+    def queue_arguments(self, name: str) -> dict | None:
+        row = self.conn.execute(
+            'SELECT arguments FROM kombu_queue WHERE name = ?', (name,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def queue_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute('SELECT name FROM kombu_queue ORDER BY name')]
+
+    @retry_busy
+    def touch_queues(self, names) -> None:
+        """Mark queues as in use, which postpones their x-expires."""
+        names = list(names)
+        if names:
+            self.conn.executemany(
+                'UPDATE kombu_queue SET last_used_at = ? WHERE name = ?',
+                [(time.time(), n) for n in names])
+
+    @retry_busy
+    def delete_queue(self, name: str) -> int:
+        """Drop a queue with its messages and bindings; returns messages dropped."""
+        with self.transaction() as conn:
+            return self._delete_queue(conn, name)
+
+    def _delete_queue(self, conn, name: str) -> int:
+        dropped = conn.execute(
+            'DELETE FROM kombu_message WHERE queue = ? AND lease_expires_at IS NULL',
+            (name,)).rowcount
+        dropped += conn.execute(
+            'DELETE FROM kombu_message WHERE lease_expires_at IS NOT NULL AND queue = ?',
+            (name,)).rowcount
+        conn.execute('DELETE FROM kombu_binding WHERE queue = ?', (name,))
+        conn.execute('DELETE FROM kombu_queue WHERE name = ?', (name,))
+        return dropped
+
+    EXPIRED_QUEUES = """
+        SELECT name FROM kombu_queue
+         WHERE expires IS NOT NULL AND last_used_at + expires <= ?
+    """
+
+    @retry_busy
+    def sweep_expired_queues(self, now: float) -> list[str]:
+        """Delete queues unused for longer than their x-expires."""
+        if not self.conn.execute(self.EXPIRED_QUEUES + ' LIMIT 1', (now,)).fetchone():
+            return []
+        with self.transaction() as conn:
+            names = [r[0] for r in conn.execute(self.EXPIRED_QUEUES, (now,))]
+            for name in names:
+                self._delete_queue(conn, name)
+        return names
+
+    # -- exchanges and bindings -------------------------------------------
+
+    @retry_busy
+    def declare_exchange(self, name: str, type: str, arguments=None) -> None:
+        self.conn.execute(
+            'INSERT INTO kombu_exchange (name, type, arguments) VALUES (?, ?, ?) '
+            'ON CONFLICT (name) DO UPDATE SET type = excluded.type',
+            (name, type, json.dumps(arguments or {}, default=str)))
+
+    def exchange_type(self, name: str) -> str | None:
+        row = self.conn.execute(
+            'SELECT type FROM kombu_exchange WHERE name = ?', (name,)).fetchone()
+        return row and row[0]
+
+    @retry_busy
+    def delete_exchange(self, name: str) -> None:
+        with self.transaction() as conn:
+            conn.execute('DELETE FROM kombu_binding WHERE exchange = ?', (name,))
+            conn.execute('DELETE FROM kombu_exchange WHERE name = ?', (name,))
+
+    @retry_busy
+    def bind(self, exchange: str, routing_key: str, queue: str) -> None:
+        self.conn.execute(
+            'INSERT OR IGNORE INTO kombu_binding (exchange, routing_key, queue) '
+            'VALUES (?, ?, ?)', (exchange, routing_key or '', queue))
+
+    @retry_busy
+    def unbind(self, exchange: str, routing_key: str, queue: str) -> None:
+        self.conn.execute(
+            'DELETE FROM kombu_binding WHERE exchange = ? AND routing_key = ? '
+            'AND queue = ?', (exchange, routing_key or '', queue))
+
+    def bindings(self, exchange: str | None = None) -> list[tuple[str, str, str]]:
+        """(queue, exchange, routing_key) triples, optionally of one exchange."""
+        if exchange is None:
+            rows = self.conn.execute(
+                'SELECT queue, exchange, routing_key FROM kombu_binding')
+        else:
+            rows = self.conn.execute(
+                'SELECT queue, exchange, routing_key FROM kombu_binding '
+                'WHERE exchange = ?', (exchange,))
+        return list(rows)
