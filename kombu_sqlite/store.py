@@ -126,21 +126,26 @@ class Store(Catalog):
         """Claim up to ``limit`` messages: [(id, priority, delivery_count, message)]."""
         now = time.time()
         with self.transaction() as conn:
-            if no_ack:
-                rows = conn.execute(TAKE, {'queue': queue, 'limit': limit}).fetchall()
-            else:
-                rows = conn.execute(CLAIM, {
-                    'queue': queue, 'limit': limit, 'owner': owner,
-                    'lease_until': lease_until}).fetchall()
-            expired = [r[0] for r in rows if r[3] is not None and r[3] <= now]
-            if expired:
-                # Expired before delivery: dropped and counted, as AMQP does.
+            while True:
+                if no_ack:
+                    rows = conn.execute(TAKE, {'queue': queue, 'limit': limit}).fetchall()
+                else:
+                    rows = conn.execute(CLAIM, {
+                        'queue': queue, 'limit': limit, 'owner': owner,
+                        'lease_until': lease_until}).fetchall()
+                expired = [r[0] for r in rows if r[3] is not None and r[3] <= now]
+                if not expired:
+                    break
+                # Expired before delivery: dropped and counted, as AMQP does;
+                # then claim again in their place.
                 conn.executemany('DELETE FROM kombu_message WHERE id = ?',
                                  [(i,) for i in expired])
                 conn.execute(BUMP_COUNTER, (queue, 'expired', len(expired)))
+                if len(expired) < len(rows):
+                    rows = [r for r in rows if r[0] not in set(expired)]
+                    break
         rows.sort(key=lambda r: (r[1], r[0]))
-        return [(r[0], r[1], r[2], loads(r[4])) for r in rows
-                if r[3] is None or r[3] > now]
+        return [(r[0], r[1], r[2], loads(r[4])) for r in rows]
 
     @retry_busy
     def ack(self, message_id: int, owner: str) -> bool:
