@@ -109,12 +109,11 @@ class CeleryEnv:
     def configure(self, **env):
         self.env.update({k: str(v) for k, v in env.items()})
         os.environ.update(self.env)
-        sys.path.insert(0, HERE) if HERE not in sys.path else None
+        if HERE not in sys.path:
+            sys.path.insert(0, HERE)
+        # A fresh app each time: Celery caches the backend and broker pools.
+        sys.modules.pop('celery_app', None)
         import celery_app
-        celery_app.app.conf.broker_url = self.env['TEST_BROKER_URL']
-        celery_app.app.conf.result_backend = self.env['TEST_RESULT_URL']
-        celery_app.app.conf.broker_transport_options = {
-            'visibility_timeout': float(self.env.get('TEST_VISIBILITY_TIMEOUT', 60))}
         return celery_app
 
     def celery(self, *args):
