@@ -72,9 +72,21 @@ class Processes:
                 pass
         self.kill(proc)
 
-    def stop_all(self):
-        for proc in reversed(self.procs):
-            self.stop(proc, timeout=10)
+    def stop_all(self, timeout=8):
+        """SIGTERM every group at once, wait for all, then kill what is left."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill(proc)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -25,14 +26,16 @@ def test_tasks_run_on_every_pool(celery_env, pool, acks_late):
 def test_celery_inspect_and_control_answer(celery_env):
     celery_env.configure()
     celery_env.worker('-c', '1', name='alpha')
-    ping = celery_env.run('inspect', 'ping', '-t', '5')
+    node = f'alpha@{socket.gethostname()}'
+    # Naming the destination makes the command return as soon as it answers.
+    ping = celery_env.run('inspect', 'ping', '-d', node, '-t', '10')
     assert ping.returncode == 0, ping.stderr
     assert 'alpha@' in ping.stdout and 'pong' in ping.stdout
-    stats = celery_env.run('inspect', 'stats', '--json', '-t', '5')
+    stats = celery_env.run('inspect', 'stats', '--json', '-d', node, '-t', '10')
     reply = json.loads(stats.stdout)
     (node, info), = reply.items()
     assert node.startswith('alpha@') and info['broker']['transport'] == 'sqlite'
-    ctl = celery_env.run('control', 'add_consumer', 'extra', '-t', '5')
+    ctl = celery_env.run('control', 'add_consumer', 'extra', '-d', node, '-t', '10')
     assert 'add consumer extra' in ctl.stdout, ctl.stdout + ctl.stderr
 
 
