@@ -6,9 +6,11 @@
 """
 from kombu.transport import TRANSPORT_ALIASES
 
+from . import schema
+from .broker import Broker
 from .errors import DatabaseError, QueueFull
 
-__all__ = ['DatabaseError', 'QueueFull', 'TRANSPORT']
+__all__ = ['Broker', 'DatabaseError', 'QueueFull', 'TRANSPORT']
 __version__ = '0.1.0'
 
 TRANSPORT = 'kombu_sqlite.transport:Transport'

@@ -6,9 +6,48 @@ import time
 
 from .db import Database, retry_busy
 
-# Queue arguments understood here; the rest are kept but not acted on.
+# Queue arguments acted on; the rest are kept but not used.
 # x-message-ttl and x-expires are milliseconds, as in AMQP.
-KNOWN_QUEUE_ARGUMENTS = ('x-message-ttl', 'x-expires')
+OVERFLOW_MODES = ('reject-publish', 'drop-head', 'block')
+SCHEDULING_STRATEGIES = ('priority', 'fifo', 'lifo', 'weighted-random', 'fair')
+
+
+def _choice(arguments: dict, name: str, choices, queue: str):
+    value = arguments.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f'queue {queue!r}: argument {name}={value!r} must be one of '
+                         f'{", ".join(choices)}')
+    return value
+
+
+def _max_length(arguments: dict, queue: str):
+    value = arguments.get('x-max-length')
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'queue {queue!r}: argument x-max-length={value!r} must be '
+                         f'a whole number of messages, 0 or more')
+    return value
+
+
+def priority_weights(arguments: dict, queue: str = '?') -> dict[int, float]:
+    """x-priority-weights as {priority: weight}; the default halves per level."""
+    raw = arguments.get('x-priority-weights')
+    if raw is None:
+        return {}
+    try:
+        weights = {int(k): float(v) for k, v in dict(raw).items()}
+    except (TypeError, ValueError):
+        raise ValueError(f'queue {queue!r}: argument x-priority-weights={raw!r} must '
+                         f'map priorities to positive weights') from None
+    if any(w <= 0 for w in weights.values()):
+        raise ValueError(f'queue {queue!r}: x-priority-weights must be positive')
+    return weights
+
+
+def default_weight(priority: int) -> float:
+    # Each level is served half as often as the one above it, never zero.
+    return 0.5 ** priority
 
 
 def _seconds(arguments: dict, name: str, queue: str):
@@ -31,24 +70,31 @@ class Catalog(Database):
 
     DECLARE_QUEUE = """
         INSERT INTO kombu_queue
-            (name, arguments, message_ttl, expires, auto_delete, declared_at, last_used_at)
-        VALUES (:name, :arguments, :message_ttl, :expires, :auto_delete, :now, :now)
+            (name, arguments, message_ttl, expires, auto_delete, max_length, overflow,
+             scheduling, declared_at, last_used_at)
+        VALUES (:name, :arguments, :message_ttl, :expires, :auto_delete, :max_length,
+                :overflow, :scheduling, :now, :now)
         ON CONFLICT (name) DO UPDATE SET
             arguments = excluded.arguments, message_ttl = excluded.message_ttl,
             expires = excluded.expires, auto_delete = excluded.auto_delete,
-            last_used_at = excluded.last_used_at
+            max_length = excluded.max_length, overflow = excluded.overflow,
+            scheduling = excluded.scheduling, last_used_at = excluded.last_used_at
     """
 
     @retry_busy
     def declare_queue(self, name: str, arguments: dict | None = None,
                       auto_delete: bool = False) -> None:
         arguments = dict(arguments or {})
+        priority_weights(arguments, name)  # validate now, not at the first claim
         self.conn.execute(self.DECLARE_QUEUE, {
             'name': name,
             'arguments': json.dumps(arguments, default=str),
             'message_ttl': _seconds(arguments, 'x-message-ttl', name),
             'expires': _seconds(arguments, 'x-expires', name),
             'auto_delete': int(bool(auto_delete)),
+            'max_length': _max_length(arguments, name),
+            'overflow': _choice(arguments, 'x-overflow', OVERFLOW_MODES, name),
+            'scheduling': _choice(arguments, 'x-scheduling', SCHEDULING_STRATEGIES, name),
             'now': time.time(),
         })
 
@@ -60,6 +106,15 @@ class Catalog(Database):
         row = self.conn.execute(
             'SELECT arguments FROM kombu_queue WHERE name = ?', (name,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+    def queue_policy(self, name: str):
+        """(scheduling, max_length, overflow, arguments) of a queue, or defaults."""
+        row = self.conn.execute(
+            'SELECT scheduling, max_length, overflow, arguments FROM kombu_queue '
+            'WHERE name = ?', (name,)).fetchone()
+        if row is None:
+            return 'priority', None, 'reject-publish', {}
+        return row[0], row[1], row[2], json.loads(row[3])
 
     def queue_names(self) -> list[str]:
         return [r[0] for r in self.conn.execute('SELECT name FROM kombu_queue ORDER BY name')]
@@ -86,6 +141,7 @@ class Catalog(Database):
         dropped += conn.execute(
             'DELETE FROM kombu_message WHERE lease_expires_at IS NOT NULL AND queue = ?',
             (name,)).rowcount
+        conn.execute('DELETE FROM kombu_fair WHERE queue = ?', (name,))
         conn.execute('DELETE FROM kombu_binding WHERE queue = ?', (name,))
         conn.execute('DELETE FROM kombu_queue WHERE name = ?', (name,))
         return dropped

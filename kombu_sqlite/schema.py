@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from .errors import DatabaseError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Statements that build schema version 1 from an empty file.
 SCHEMA_V1 = (
@@ -88,8 +88,50 @@ SCHEMA_V1 = (
     """,
 )
 
+#: Version 2: scheduling strategies (a precomputed ``rank`` orders the claim),
+#: backpressure, dead letters and fair-share tags.
+SCHEMA_V2 = (
+    # rank is what the claim sorts on: the priority for 'priority' queues,
+    # priority and fair-share tag for 'fair' queues, 0 for 'fifo' and 'lifo'.
+    'ALTER TABLE kombu_message ADD COLUMN rank INTEGER NOT NULL DEFAULT 0',
+    'UPDATE kombu_message SET rank = priority',
+    'DROP INDEX kombu_message_ready',
+    """CREATE INDEX kombu_message_ready ON kombu_message (queue, rank, id)
+       WHERE lease_expires_at IS NULL""",
+    'ALTER TABLE kombu_queue ADD COLUMN max_length INTEGER',
+    "ALTER TABLE kombu_queue ADD COLUMN overflow TEXT NOT NULL DEFAULT 'reject-publish'",
+    "ALTER TABLE kombu_queue ADD COLUMN scheduling TEXT NOT NULL DEFAULT 'priority'",
+    """
+    CREATE TABLE kombu_dead_letter (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue          TEXT    NOT NULL,
+        priority       INTEGER NOT NULL,
+        delivery_count INTEGER NOT NULL,
+        reason         TEXT    NOT NULL,
+        dead_at        REAL    NOT NULL,
+        client         TEXT,
+        task_name      TEXT,
+        task_id        TEXT,
+        published_at   REAL    NOT NULL,
+        payload        TEXT    NOT NULL
+    )
+    """,
+    'CREATE INDEX kombu_dead_letter_queue ON kombu_dead_letter (queue, id)',
+    # Fair queueing: the last tag given to each client per (queue, priority);
+    # client '' holds the tag of the last message delivered (the clock).
+    """
+    CREATE TABLE kombu_fair (
+        queue    TEXT    NOT NULL,
+        priority INTEGER NOT NULL,
+        client   TEXT    NOT NULL,
+        tag      INTEGER NOT NULL,
+        PRIMARY KEY (queue, priority, client)
+    ) WITHOUT ROWID
+    """,
+)
+
 #: version -> statements that take a file from version-1 to version.
-MIGRATIONS = {1: SCHEMA_V1}
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2}
 
 
 def path_from_url(url: str) -> str:

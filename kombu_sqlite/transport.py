@@ -97,6 +97,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from datetime import datetime
 from queue import Empty
 
 from kombu.exceptions import ChannelError
@@ -105,6 +106,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.scheduling import FairCycle
 
 from . import schema
+from .errors import QueueFull
 from .store import ROUTING_RULES, Store
 from .wakeup import Waiter
 
@@ -269,11 +271,25 @@ class Channel(virtual.Channel):
         priority = (self.default_priority if priority is None
                     else self._checked_priority(priority))
         self._inplace_augment_message(message, exchange, routing_key)
-        params = self.store.publish_params(message, priority, time.time())
+        params = self.store.publish_params(message, priority, time.time(),
+                                           self._deliver_at(message))
         if not exchange:
             return self.store.publish(routing_key, params)
         type = self._exchange_type(exchange) or 'direct'
         return self.store.publish_routed(exchange, type, routing_key, params)
+
+    def _deliver_at(self, message):
+        """When a Celery message with an ETA (countdown, retry backoff) is due."""
+        if not self.connection.native_delayed_delivery:
+            return None
+        eta = (message.get('headers') or {}).get('eta')
+        if not eta:
+            return None
+        try:
+            when = datetime.fromisoformat(str(eta))
+        except ValueError:
+            return None  # not ours to judge: the worker will report it
+        return when.timestamp()  # naive ETAs are local time, as Celery reads them
 
     def _put(self, queue, message, **kwargs):
         priority = self._checked_priority(
@@ -311,7 +327,7 @@ class Channel(virtual.Channel):
             redelivered = delivery_count > 1
             payload['redelivered'] = redelivered
             props['delivery_info'].update(
-                redelivered=redelivered, delivery_count=delivery_count)
+                redelivered=redelivered, delivery_count=delivery_count, queue=queue)
             messages.append(payload)
         return messages
 
@@ -345,14 +361,18 @@ class Channel(virtual.Channel):
     def basic_ack(self, delivery_tag, multiple=False):
         if multiple:
             raise NotImplementedError('multiple acks are not supported')
-        self.store.ack(delivery_tag, self.connection.owner)
+        self.store.ack(delivery_tag, self.connection.owner, self._queue_of(delivery_tag))
         super().basic_ack(delivery_tag)
+
+    def _queue_of(self, delivery_tag):
+        message = self.qos._delivered.get(delivery_tag)
+        return message and message.delivery_info.get('queue')
 
     def basic_reject(self, delivery_tag, requeue=False):
         if requeue:
             self._release([delivery_tag])
         else:
-            self.store.delete(delivery_tag)
+            self.store.reject(delivery_tag, self._queue_of(delivery_tag))
         self.qos.reject(delivery_tag, requeue=False)
 
     def _restore(self, message):
@@ -400,6 +420,7 @@ class Transport(virtual.Transport):
         self.lease_renew_interval = _option(
             options, 'lease_renew_interval', max(self.visibility_timeout / 4, 0.1))
         self.housekeeping_interval = _option(options, 'housekeeping_interval', 1.0)
+        self.native_delayed_delivery = bool(options.get('native_delayed_delivery', True))
         self.exchange_types = {}
         self._store = None
         self._waiter = None
@@ -419,6 +440,8 @@ class Transport(virtual.Transport):
             options = self.client.transport_options
             self._store = Store(
                 schema.path_from_url(self.url),
+                max_deliveries=_option(options, 'max_deliveries', 20, int),
+                max_length_block_timeout=_option(options, 'max_length_block_timeout', 10.0),
                 busy_timeout=_option(options, 'busy_timeout', 30.0),
                 synchronous=options.get('synchronous', 'NORMAL'))
         return self._store
@@ -445,6 +468,10 @@ class Transport(virtual.Transport):
                 self._waiter.close()
                 self._waiter = None
             if self._store is not None:
+                try:
+                    self._store.flush_counters()
+                except Exception as exc:
+                    logger.warning('kombu-sqlite could not save counters: %s', exc)
                 self._store.close()
 
     # -- waiting for messages ------------------------------------------------------
@@ -502,5 +529,6 @@ class Transport(virtual.Transport):
                 # Queues being consumed are in use: postpone their x-expires.
                 self.store.touch_queues(list(self._callbacks))
                 self.store.sweep(now)
+                self.store.flush_counters()
             except Exception as exc:  # keep renewing through transient errors
                 logger.warning('kombu-sqlite housekeeping failed: %s', exc)

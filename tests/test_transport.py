@@ -286,7 +286,8 @@ def test_newer_schema_is_refused_naming_both_versions(tmp_path):
     db = sqlite3.connect(path)
     db.execute('PRAGMA user_version=99')
     db.close()
-    with pytest.raises(kombu_sqlite.DatabaseError, match='version 99.*version 1'):
+    current = kombu_sqlite.schema.SCHEMA_VERSION
+    with pytest.raises(kombu_sqlite.DatabaseError, match=f'version 99.*version {current}'):
         Connection(f'sqlite:///{path}').connect()
 
 
