@@ -461,6 +461,11 @@ class Transport(virtual.Transport):
 
     def close_connection(self, connection):
         self._stop.set()
+        if self._housekeeper is not None and self._housekeeper[0] == os.getpid():
+            # Its connection is closed below: it must not be mid-statement.
+            if self._housekeeper[1] is not threading.current_thread():
+                self._housekeeper[1].join(timeout=self.store.busy_timeout + 5)
+            self._housekeeper = None
         try:
             super().close_connection(connection)
         finally:
