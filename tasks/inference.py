@@ -1,0 +1,117 @@
+"""The inference tasks: plain functions over the Ollama client.
+
+The ledger is kept by :mod:`tasks.signals`; these tasks only call Ollama.
+``tasks.embed`` is a celery-batches task: embedding requests waiting for the
+same model are sent as one ``/api/embed`` call.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from celery.utils.time import get_exponential_backoff_interval
+from celery_batches import Batches
+
+from .app import app, current
+from .ollama import Ollama, OllamaError, OllamaUnavailable
+
+logger = logging.getLogger(__name__)
+_cfg = current()  # tasks are built once per process, with the config it started with
+
+
+def ollama() -> Ollama:
+    cfg = current()
+    return Ollama(cfg.ollama_url, connect_timeout=cfg.connect_timeout,
+                  stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
+
+
+RETRY = dict(autoretry_for=(OllamaUnavailable,), retry_backoff=_cfg.retry_backoff,
+             retry_backoff_max=_cfg.retry_backoff_max, retry_jitter=_cfg.retry_jitter,
+             max_retries=_cfg.max_retries)
+
+
+@app.task(name='tasks.generate', **RETRY)
+def generate(model: str, prompt: str, system: str = '', images=None, options=None) -> dict:
+    return ollama().generate(model, prompt, system=system, images=images, options=options)
+
+
+@app.task(name='tasks.chat', **RETRY)
+def chat(model: str, messages: list, options=None) -> dict:
+    return ollama().chat(model, messages, options=options)
+
+
+@app.task(name='tasks.embed', base=Batches, flush_every=_cfg.embed_batch_size,
+          flush_interval=_cfg.embed_batch_wait, bind=True)
+def embed(self, requests) -> dict:
+    """Embed a batch of requests, one ``/api/embed`` call per model.
+
+    Each request is ``embed(model=..., input=str | [str, ...])``.  Returns
+    ``{task_id: (outcome, value)}`` with outcome ``succeeded``, ``retried`` or
+    ``failed``, which :mod:`tasks.signals` writes to the ledger.
+    """
+    outcomes = {}
+    by_model = defaultdict(list)
+    for req in requests:
+        by_model[req.kwargs.get('model')].append(req)
+    for model, reqs in by_model.items():
+        inputs, spans = [], []
+        for req in reqs:
+            text = req.kwargs.get('input', '')
+            items = [text] if isinstance(text, str) else list(text)
+            spans.append((len(inputs), len(inputs) + len(items), isinstance(text, str)))
+            inputs.extend(items)
+        try:
+            out = ollama().embed(model, inputs)
+        except OllamaUnavailable as exc:
+            for req in reqs:
+                outcomes[req.id] = _retry_or_fail(self, req, exc)
+            continue
+        except OllamaError as exc:
+            for req in reqs:
+                self.backend.mark_as_failure(req.id, exc, request=req)
+                outcomes[req.id] = ('failed', str(exc))
+            continue
+        logger.info('embedded %d inputs of %d requests with %s in one call',
+                    len(inputs), len(reqs), model)
+        for req, (start, end, single) in zip(reqs, spans):
+            vectors = out['embeddings'][start:end]
+            result = {'model': model, 'embeddings': vectors, 'batch_size': len(reqs),
+                      # Ollama counts the batch's tokens; each request gets its share.
+                      'prompt_eval_count': _share(out.get('prompt_eval_count'),
+                                                  end - start, len(inputs)),
+                      'total_duration': out.get('total_duration'),
+                      'load_duration': out.get('load_duration')}
+            if single:
+                result['embedding'] = vectors[0]
+            self.backend.mark_as_done(req.id, result, request=req)
+            outcomes[req.id] = ('succeeded', result)
+    return outcomes
+
+
+def _share(total, part, whole):
+    return None if total is None else round(total * part / max(whole, 1))
+
+
+def _retry_or_fail(task, req, exc):
+    """Autoretry for one request of a batch: send it again with a countdown."""
+    cfg = current()
+    retries = int(req.request_dict.get('retries') or 0)
+    if retries >= cfg.max_retries:
+        task.backend.mark_as_failure(req.id, exc, request=req)
+        return ('failed', f'{exc} (gave up after {retries} retries)')
+    countdown = get_exponential_backoff_interval(
+        factor=cfg.retry_backoff, retries=retries, maximum=cfg.retry_backoff_max,
+        full_jitter=cfg.retry_jitter)
+    info = req.delivery_info or {}
+    headers = {k: req.request_dict[k] for k in ('x-client',) if req.request_dict.get(k)}
+    task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown,
+                     retries=retries + 1, queue=info.get('routing_key'),
+                     priority=info.get('priority'), headers=headers)
+    return ('retried', str(exc))
+
+
+@app.task(name='tasks.maintain')
+def maintain() -> dict:
+    """Purge expired responses and expire stale requests (run by beat too)."""
+    from .maintenance import run
+    return run(current())

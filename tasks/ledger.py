@@ -1,0 +1,146 @@
+"""The ledger: one row per request, its audit trail and its timings.
+
+SQLAlchemy 2.0, SQLite by default, any SQLAlchemy URL.  A row is keyed by the
+Celery task id, so a request that runs again after its worker died updates the
+same row and is never counted twice.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+from sqlalchemy import (JSON, Float, Index, Integer, String, Text, create_engine, event,
+                        select)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED = (
+    'queued', 'running', 'succeeded', 'failed', 'rejected', 'expired')
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED)
+ACTIVE = (QUEUED, RUNNING)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Request(Base):
+    __tablename__ = 'tasks_request'
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[int] = mapped_column(Integer)
+    request_type: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))
+    queue: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    # Times are Unix seconds (UTC): simple to subtract and to compare across DBs.
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    wait_seconds: Mapped[float | None] = mapped_column(Float)
+    run_seconds: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    # Ollama's own counts and timings (durations in seconds).
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    total_duration: Mapped[float | None] = mapped_column(Float)
+    load_duration: Mapped[float | None] = mapped_column(Float)
+    prompt_eval_duration: Mapped[float | None] = mapped_column(Float)
+    eval_duration: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[dict | None] = mapped_column(JSON)
+    response_expires_at: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        Index('ix_tasks_request_user_status', 'user_id', 'status'),
+        Index('ix_tasks_request_created', 'created_at'),
+        Index('ix_tasks_request_expiry', 'response_expires_at'),
+    )
+
+    def as_dict(self) -> dict:
+        return {c.name: getattr(self, c.name) for c in self.__table__.columns}
+
+
+class SpikeEpisode(Base):
+    """One stretch of spike mode on one queue: the alert log and its count."""
+    __tablename__ = 'tasks_spike'
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    queue: Mapped[str] = mapped_column(String(200), index=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+    depth_at_start: Mapped[int] = mapped_column(Integer)
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+
+
+_engines: dict = {}
+_lock = threading.Lock()
+
+
+def _sqlite_pragmas(dbapi_conn, _record):
+    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see below)
+    cur = dbapi_conn.cursor()
+    cur.execute('PRAGMA journal_mode=WAL')  # readers never block the writer
+    cur.execute('PRAGMA synchronous=NORMAL')
+    cur.execute('PRAGMA busy_timeout=30000')
+    cur.close()
+
+
+def _sqlite_begin(conn):
+    # IMMEDIATE takes the write lock up front: a read-then-write transaction
+    # (the per-user limit check) cannot fail with SQLITE_BUSY half-way.
+    conn.exec_driver_sql('BEGIN IMMEDIATE')
+
+
+def engine(url: str):
+    """One engine per URL and per process (engines do not survive fork)."""
+    key = (url, os.getpid())
+    with _lock:
+        eng = _engines.get(key)
+        if eng is None:
+            if url.startswith('sqlite:///'):
+                path = url[len('sqlite:///'):]
+                if path and path != ':memory:':
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            eng = create_engine(url, pool_pre_ping=not url.startswith('sqlite'))
+            if eng.dialect.name == 'sqlite':
+                event.listen(eng, 'connect', _sqlite_pragmas)
+                event.listen(eng, 'begin', _sqlite_begin)
+            Base.metadata.create_all(eng)
+            _engines[key] = eng
+        return eng
+
+
+@contextmanager
+def session(url: str):
+    """A transaction: committed on success, rolled back on error."""
+    with Session(engine(url), expire_on_commit=False) as s, s.begin():
+        yield s
+
+
+def active_count(s: Session, user_id: str) -> int:
+    rows = s.scalars(select(Request.task_id).where(
+        Request.user_id == user_id, Request.status.in_(ACTIVE)))
+    return len(rows.all())
+
+
+def get(url: str, task_id: str) -> Request | None:
+    with session(url) as s:
+        return s.get(Request, task_id)
+
+
+def rows(url: str, since: float | None = None) -> list[Request]:
+    with session(url) as s:
+        q = select(Request).order_by(Request.created_at)
+        if since is not None:
+            q = q.where(Request.created_at >= since)
+        return list(s.scalars(q))
+
+
+def now() -> float:
+    return time.time()

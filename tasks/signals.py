@@ -1,0 +1,173 @@
+"""The ledger kept through Celery signals, so the tasks stay plain.
+
+Each handler updates the request's row by task id.  A request that runs again
+after its worker died is the same row (``attempts`` goes up), never a second
+one.  A request published without :func:`tasks.submit` (``apply_async`` by
+hand) gets its row when it starts, from its message headers.
+"""
+from __future__ import annotations
+
+import logging
+
+from celery import signals
+
+from . import ledger, ollama
+from .app import app, current
+from .ledger import FAILED, QUEUED, RUNNING, SUCCEEDED, EXPIRED, Request
+
+logger = logging.getLogger(__name__)
+LEDGERED = ('tasks.generate', 'tasks.chat', 'tasks.embed')
+
+
+def _header(request, name, default=None):
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, 'headers', None) or {}).get(name)
+    if value is None and isinstance(getattr(request, 'request_dict', None), dict):
+        value = request.request_dict.get(name)
+    return default if value is None else value
+
+
+def _row(s, task_id, request=None, kwargs=None) -> Request:
+    row = s.get(Request, task_id)
+    if row is None:
+        cfg = current()
+        model = (kwargs or {}).get('model', '?')
+        role = _header(request, 'x-role', '?')
+        row = Request(
+            task_id=task_id, user_id=_header(request, 'x-client', 'anonymous'), role=role,
+            priority=(request.delivery_info or {}).get('priority') or 0 if request else 0,
+            request_type=_header(request, 'x-request-type', 'direct'), model=model,
+            queue=cfg.models[model].queue if model in cfg.models else '?',
+            status=QUEUED, created_at=ledger.now(), attempts=0, retries=0)
+        s.add(row)
+    return row
+
+
+def _safely(fn):
+    # The ledger must never take a task down with it; log and carry on.
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            logger.exception('ledger update failed in %s', fn.__name__)
+    return wrapper
+
+
+def mark_running(task_id, request=None, kwargs=None, worker=None):
+    now = ledger.now()
+    with ledger.session(current().ledger_url) as s:
+        row = _row(s, task_id, request, kwargs)
+        row.status = RUNNING
+        row.started_at = now
+        row.wait_seconds = now - row.created_at
+        row.attempts = (row.attempts or 0) + 1
+        row.worker = worker
+        row.completed_at = row.run_seconds = None
+
+
+def mark_succeeded(task_id, result: dict):
+    cfg = current()
+    now = ledger.now()
+    with ledger.session(cfg.ledger_url) as s:
+        row = _row(s, task_id)
+        row.status = SUCCEEDED
+        row.completed_at = now
+        row.run_seconds = now - (row.started_at or now)
+        row.error = None
+        row.prompt_tokens = result.get('prompt_eval_count')
+        row.completion_tokens = result.get('eval_count')
+        for key in ('total_duration', 'load_duration', 'prompt_eval_duration',
+                    'eval_duration'):
+            setattr(row, key, result.get(key))
+        row.response = result
+        row.response_expires_at = now + cfg.retention_days * 86400
+
+
+def mark_failed(task_id, error: str, status=FAILED):
+    now = ledger.now()
+    with ledger.session(current().ledger_url) as s:
+        row = _row(s, task_id)
+        row.status = status
+        row.completed_at = now
+        if row.started_at:
+            row.run_seconds = now - row.started_at
+        row.error = error
+
+
+def mark_retrying(task_id, error: str):
+    with ledger.session(current().ledger_url) as s:
+        row = _row(s, task_id)
+        row.status = QUEUED  # the broker holds the delayed retry
+        row.retries = (row.retries or 0) + 1
+        row.error = error
+
+
+@signals.task_prerun.connect
+@_safely
+def _prerun(sender=None, task_id=None, task=None, args=None, kwargs=None, **_):
+    if task is None or task.name not in LEDGERED:
+        return
+    hostname = getattr(task.request, 'hostname', None)
+    if task.name == 'tasks.embed':  # a batch: one row per request in it
+        for req in (args[0] if args else []):
+            mark_running(req.id, req, req.kwargs, req.hostname)
+        return
+    mark_running(task_id, task.request, kwargs, hostname)
+
+
+@signals.task_postrun.connect
+@_safely
+def _postrun(sender=None, task=None, retval=None, **_):
+    if task is None or task.name != 'tasks.embed' or not isinstance(retval, dict):
+        return
+    for task_id, (outcome, value) in retval.items():
+        if outcome == 'succeeded':
+            mark_succeeded(task_id, value)
+        elif outcome == 'retried':
+            mark_retrying(task_id, value)
+        else:
+            mark_failed(task_id, value)
+
+
+@signals.task_success.connect
+@_safely
+def _success(sender=None, result=None, **_):
+    if sender is None or sender.name not in ('tasks.generate', 'tasks.chat'):
+        return
+    mark_succeeded(sender.request.id, result if isinstance(result, dict) else {})
+
+
+@signals.task_failure.connect
+@_safely
+def _failure(sender=None, task_id=None, exception=None, **_):
+    if sender is None or sender.name not in LEDGERED:
+        return
+    mark_failed(task_id, f'{type(exception).__name__}: {exception}')
+
+
+@signals.task_retry.connect
+@_safely
+def _retry(sender=None, request=None, reason=None, **_):
+    if sender is None or sender.name not in LEDGERED:
+        return
+    mark_retrying(request.id, f'{type(reason).__name__}: {reason}')
+
+
+@signals.task_revoked.connect
+@_safely
+def _revoked(sender=None, request=None, expired=False, **_):
+    if sender is None or sender.name not in LEDGERED:
+        return
+    if expired:
+        mark_failed(request.id, 'expired before it started', status=EXPIRED)
+    else:
+        mark_failed(request.id, 'revoked')
+
+
+@signals.worker_process_shutdown.connect
+def _close_clients(**_):
+    ollama.close_all()
+
+
+__all__ = ['app', 'mark_running', 'mark_succeeded', 'mark_failed', 'mark_retrying']
