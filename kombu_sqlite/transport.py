@@ -45,6 +45,42 @@ longer than ``x-expires`` are deleted with their messages and bindings, so the
 event and reply queues that Flower and ``celery inspect`` leave behind do not
 accumulate.  Auto-delete queues are deleted when their last consumer cancels.
 
+Dead letters
+------------
+A message delivered ``max_deliveries`` times without an ack, or rejected
+without requeue, moves to the ``kombu_dead_letter`` table with its reason,
+time and delivery count.  :class:`kombu_sqlite.Broker` lists, requeues and
+purges them; nothing is dropped silently.
+
+Delayed delivery
+----------------
+With ``native_delayed_delivery`` on, a Celery message whose ``eta`` header is
+in the future (``countdown``, ``eta``, retries with backoff) is stored as
+held until due: no worker keeps it in memory or renews a lease for it, and it
+survives restarts of every worker.  Due messages are released by the
+housekeeping sweep, so delivery is within ``housekeeping_interval`` of the ETA.
+
+Backpressure
+------------
+Queue argument ``x-max-length`` bounds the ready messages of a queue;
+``x-overflow`` says what happens to a publish when it is full:
+``'reject-publish'`` (default) raises :class:`kombu_sqlite.QueueFull` at
+once, ``'drop-head'`` drops the oldest message of the lowest priority and
+counts it, ``'block'`` waits up to ``max_length_block_timeout`` seconds for
+room, then raises QueueFull.
+
+Scheduling strategies
+---------------------
+Queue argument ``x-scheduling``: ``'priority'`` (default: lowest number first,
+FIFO within a priority), ``'fifo'`` (oldest first, priority ignored),
+``'lifo'`` (newest first), ``'weighted-random'`` (a ready priority level is
+chosen at random with weights from ``x-priority-weights``, a mapping of
+priority to weight, by default ``0.5 ** priority``; FIFO within the level, so
+no level starves) and ``'fair'`` (priority first, then round-robin across
+clients named by the ``x-client`` message header, by start-time fair
+queueing).  The strategy fixes each message's ``rank`` at publish time, so
+the claim stays one indexed walk.
+
 Wake-up
 -------
 An idle consumer blocks on an inotify watch of the ``-wal`` file (Linux) and
@@ -58,6 +94,17 @@ Connection string
 
     sqlite:///relative/path/queue.db
     sqlite:////absolute/path/queue.db
+
+Queue arguments
+===============
+
+* ``x-message-ttl``: milliseconds a message may wait before it is dropped.
+* ``x-expires``: milliseconds a queue may go unused before it is deleted.
+* ``x-max-length``: most ready messages; ``x-overflow``: ``'reject-publish'``,
+  ``'drop-head'`` or ``'block'``.
+* ``x-scheduling``: ``'priority'``, ``'fifo'``, ``'lifo'``,
+  ``'weighted-random'`` or ``'fair'``; ``x-priority-weights``: weights for
+  weighted-random.
 
 ``import kombu_sqlite`` registers the ``sqlite`` scheme.  Without the import,
 set ``broker_transport = 'kombu_sqlite.transport:Transport'`` (Celery) or pass
@@ -82,6 +129,12 @@ Transport options
   data_version`` (default ``0.002``).
 * ``housekeeping_interval``: seconds between sweeps of expired leases,
   messages and queues (default ``1.0``).
+* ``max_deliveries``: deliveries without an ack before a message is
+  dead-lettered (default ``20``).
+* ``native_delayed_delivery``: hold Celery messages with a future ``eta`` in
+  the broker until due (default ``True``).
+* ``max_length_block_timeout``: seconds a publish to a full ``'block'`` queue
+  waits for room (default ``10``).
 * ``busy_timeout``: seconds a statement waits for another writer before
   retrying (default ``30``).
 * ``synchronous``: ``'NORMAL'`` (survives process crashes; the last commits
