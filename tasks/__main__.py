@@ -1,0 +1,99 @@
+"""Command line: ``python -m tasks workers | submit | maintain | report | demo``."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import click
+
+
+def _app():
+    # Imported here so that a bad config file is reported as a usage error.
+    try:
+        import tasks
+    except ValueError as exc:  # ConfigError
+        raise click.ClickException(str(exc)) from None
+    return tasks
+
+
+@click.group(help='Ollama inference for an organisation, by role priority, with a ledger. '
+                  'Configuration: the TOML file in $TASKS_CONFIG.')
+def cli():
+    pass
+
+
+@cli.command(help='Start one Celery worker per model (-Q <model queue> -c <slots>) and a '
+                  'maintenance worker with beat; Ctrl-C stops them cleanly.')
+@click.option('--loglevel', '-l', default='info', show_default=True)
+@click.option('--no-beat', is_flag=True, help='Do not start the maintenance worker and beat.')
+@click.option('--model', 'models', multiple=True, help='Only this model (repeatable).')
+def workers(loglevel, no_beat, models):
+    tasks = _app()
+    from .workers import run
+    sys.exit(run(tasks.current(), loglevel=loglevel, beat=not no_beat,
+                 models=set(models) or None, echo=click.echo))
+
+
+@cli.command(help='Submit one request and print its task id.')
+@click.argument('user_id')
+@click.argument('role')
+@click.argument('request_type')
+@click.option('--text', default='', help="payload['text']")
+@click.option('--payload', 'payload_json', help='the whole payload as JSON')
+@click.option('--model', default=None)
+@click.option('--wait', type=float, default=None, help='wait this long for the answer')
+def submit(user_id, role, request_type, text, payload_json, model, wait):
+    tasks = _app()
+    payload = json.loads(payload_json) if payload_json else {'text': text}
+    try:
+        result = tasks.submit(user_id, role, request_type, payload, model=model)
+    except (ValueError, tasks.Overloaded, tasks.ResourceLimitExceeded) as exc:
+        raise click.ClickException(f'{type(exc).__name__}: {exc}') from None
+    click.echo(result.id)
+    if wait:
+        click.echo(json.dumps(result.get(timeout=wait), indent=2))
+
+
+@cli.command(help='Purge expired responses and expire stale requests (beat runs it too).')
+def maintain():
+    tasks = _app()
+    from .maintenance import run
+    click.echo(json.dumps(run(tasks.current())))
+
+
+@cli.command(help='Waits by role, processing rate, model utilisation, peaks, queue depth.')
+@click.option('--since', default=None, help='e.g. 24h, 7d or 2025-01-31T09:00 (UTC)')
+@click.option('--json', 'as_json', is_flag=True, help='machine-readable output')
+def report(since, as_json):
+    tasks = _app()
+    from . import report as report_mod
+    from .admission import queue_depth
+    cfg = tasks.current()
+    try:
+        start = report_mod.parse_since(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint='--since') from None
+    depths = {}
+    for m in cfg.models.values():
+        try:
+            depths[m.queue] = queue_depth(m.queue)
+        except Exception as exc:  # the ledger part is still worth printing
+            click.echo(f'queue depth of {m.queue} unavailable: {exc}', err=True)
+    data = report_mod.build(cfg, start, depths=depths)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        report_mod.render(data)
+
+
+@cli.command(context_settings={'ignore_unknown_options': True, 'allow_extra_args': True},
+             help='Replay a demand spike against the simulator and watch it (tasks.demo).')
+@click.pass_context
+def demo(ctx):
+    module = importlib.import_module('tasks.demo')  # written separately; optional extra
+    sys.exit(module.main(ctx.args))
+
+
+if __name__ == '__main__':
+    cli(prog_name='python -m tasks')

@@ -1,0 +1,149 @@
+"""``python -m tasks report``: waits by role, throughput, utilisation, peaks, depth."""
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+
+from . import ledger
+from .ledger import ACTIVE, SUCCEEDED, SpikeEpisode
+
+_UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
+
+
+def parse_since(text: str | None, now: float | None = None) -> float | None:
+    """'24h', '7d', '90m' (ago) or an ISO date/time (UTC if no zone)."""
+    if not text:
+        return None
+    now = time.time() if now is None else now
+    m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*', text)
+    if m:
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f'--since {text!r}: use a duration such as 24h or 7d, '
+                         f'or an ISO date such as 2025-01-31T09:00') from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def percentile(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    k = max(0, math.ceil(q / 100 * len(values)) - 1)  # nearest-rank
+    return values[k]
+
+
+def _hour(ts):
+    return datetime.fromtimestamp(ts, timezone.utc).strftime('%Y-%m-%dT%H:00Z')
+
+
+def build(cfg, since: float | None = None, now: float | None = None,
+          depths: dict | None = None) -> dict:
+    """The report as plain data (what ``--json`` prints)."""
+    now = time.time() if now is None else now
+    rows = ledger.rows(cfg.ledger_url, since)
+    start = since if since is not None else min((r.created_at for r in rows), default=now)
+    window = max(now - start, 1e-9)
+
+    waits = defaultdict(list)
+    for r in rows:
+        if r.wait_seconds is not None and r.started_at is not None:
+            waits[r.role].append(r.wait_seconds)
+    by_role = {}
+    for role in sorted(set(r.role for r in rows),
+                       key=lambda n: cfg.roles[n].priority if n in cfg.roles else 99):
+        w = waits.get(role, [])
+        by_role[role] = {
+            'requests': sum(1 for r in rows if r.role == role),
+            'started': len(w),
+            'avg_wait_s': sum(w) / len(w) if w else None,
+            'p95_wait_s': percentile(w, 95),
+        }
+
+    done = [r for r in rows if r.status == SUCCEEDED and r.completed_at]
+    per_hour = Counter(_hour(r.completed_at) for r in done)
+    busy = defaultdict(float)
+    for r in rows:
+        if r.started_at and r.run_seconds:
+            busy[r.model] += r.run_seconds
+    utilisation = {
+        name: {'slots': m.slots, 'busy_slot_seconds': busy.get(name, 0.0),
+               'available_slot_seconds': m.slots * window,
+               'utilisation': busy.get(name, 0.0) / (m.slots * window)}
+        for name, m in cfg.models.items()}
+
+    submitted = Counter(_hour(r.created_at) for r in rows)
+    peaks = [{'hour': h, 'submitted': n} for h, n in submitted.most_common(3)]
+
+    status = Counter(r.status for r in rows)
+    with ledger.session(cfg.ledger_url) as s:
+        q = select(SpikeEpisode)
+        if since is not None:
+            q = q.where(SpikeEpisode.started_at >= since)
+        episodes = [{'queue': e.queue, 'started_at': e.started_at, 'ended_at': e.ended_at,
+                     'refused': e.refused} for e in s.scalars(q)]
+    queues = {}
+    for name, m in cfg.models.items():
+        queues[name] = {
+            'queue': m.queue,
+            'ready': (depths or {}).get(m.queue),
+            'queued': sum(1 for r in rows if r.model == name and r.status == 'queued'),
+            'running': sum(1 for r in rows if r.model == name and r.status == 'running'),
+        }
+    return {
+        'since': start, 'until': now, 'window_hours': window / 3600,
+        'requests': len(rows), 'by_status': dict(status),
+        'wait_by_role': by_role,
+        'processed_per_hour': len(done) / (window / 3600),
+        'processed_by_hour': dict(sorted(per_hour.items())),
+        'model_utilisation': utilisation,
+        'peak_periods': peaks,
+        'queue_depth': queues,
+        'active_requests': sum(1 for r in rows if r.status in ACTIVE),
+        'spike_episodes': episodes,
+    }
+
+
+def _fmt(v, unit='s'):
+    return '-' if v is None else f'{v:.2f}{unit}'
+
+
+def render(data: dict, console=None):
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    since = datetime.fromtimestamp(data['since'], timezone.utc).strftime('%Y-%m-%d %H:%M')
+    console.print(f'[bold]Requests since {since} UTC[/]: {data["requests"]} '
+                  f'({", ".join(f"{k} {v}" for k, v in sorted(data["by_status"].items()))}); '
+                  f'{data["processed_per_hour"]:.1f} processed per hour')
+    t = Table(title='Wait by role')
+    for col in ('role', 'requests', 'started', 'avg wait', 'p95 wait'):
+        t.add_column(col, justify='left' if col == 'role' else 'right')
+    for role, w in data['wait_by_role'].items():
+        t.add_row(role, str(w['requests']), str(w['started']), _fmt(w['avg_wait_s']),
+                  _fmt(w['p95_wait_s']))
+    console.print(t)
+    t = Table(title='Models')
+    for col in ('model', 'slots', 'busy slot-s', 'utilisation', 'ready', 'queued', 'running'):
+        t.add_column(col, justify='left' if col == 'model' else 'right')
+    for name, u in data['model_utilisation'].items():
+        q = data['queue_depth'][name]
+        t.add_row(name, str(u['slots']), f'{u["busy_slot_seconds"]:.1f}',
+                  f'{u["utilisation"]:.1%}', '-' if q['ready'] is None else str(q['ready']),
+                  str(q['queued']), str(q['running']))
+    console.print(t)
+    if data['peak_periods']:
+        console.print('Peak hours (submitted): ' + ', '.join(
+            f'{p["hour"]} ({p["submitted"]})' for p in data['peak_periods']))
+    console.print(f'Spike episodes: {len(data["spike_episodes"])}' + ''.join(
+        f'\n  {e["queue"]}: {_fmt((e["ended_at"] or data["until"]) - e["started_at"])}'
+        f'{"" if e["ended_at"] else " (ongoing)"}, {e["refused"]} refused'
+        for e in data['spike_episodes']))

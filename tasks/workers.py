@@ -1,0 +1,85 @@
+"""``python -m tasks workers``: one Celery worker per model, sized to its GPU slots.
+
+Each worker consumes only its model's queue with ``-c <slots>`` and prefetch 1
+(acks late and reject-on-worker-lost come from the app), so a GPU never runs
+more requests than its slots.  Embedding models prefetch one batch per slot so
+that requests can be batched.  A small maintenance worker runs beat.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from .app import MAINTENANCE_QUEUE
+
+
+def node_name(model: str) -> str:
+    return re.sub(r'[^A-Za-z0-9_.-]+', '-', model)
+
+
+def commands(cfg, loglevel='info', beat=True, models=None) -> list[tuple[str, list[str]]]:
+    celery = [sys.executable, '-m', 'celery', '-A', 'tasks', 'worker', '-l', loglevel, '-E']
+    out = []
+    for m in cfg.models.values():
+        if models and m.name not in models:
+            continue
+        prefetch = cfg.embed_batch_size if m.embedding else 1
+        out.append((m.name, celery + ['-Q', m.queue, '-c', str(m.slots),
+                                      '--prefetch-multiplier', str(prefetch),
+                                      '-n', f'{node_name(m.name)}@%h']))
+    if beat:
+        out.append(('maintenance', celery + [
+            '-Q', MAINTENANCE_QUEUE, '-c', '1', '-n', 'maintenance@%h', '-B',
+            '-s', str(cfg.data_dir / 'beat-schedule')]))
+    return out
+
+
+def stop(procs, timeout=30.0):
+    """Warm shutdown (SIGTERM: running requests finish), then kill what is left."""
+    for _, p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for _, p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def run(cfg, loglevel='info', beat=True, models=None, echo=print) -> int:
+    procs = []
+    # Ctrl-C reaches the whole foreground group; the workers get their own
+    # groups so that we decide how they stop.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for name, cmd in commands(cfg, loglevel, beat, models):
+            procs.append((name, subprocess.Popen(cmd, start_new_session=True)))
+            echo(f'started worker for {name} (pid {procs[-1][1].pid}): {" ".join(cmd[2:])}')
+        while True:
+            for name, p in procs:
+                if p.poll() is not None:
+                    echo(f'worker for {name} exited with {p.returncode}; stopping the others')
+                    return p.returncode or 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        echo('stopping workers (waiting for running requests)...')
+        return 0
+    finally:
+        stop(procs)
+        signal.signal(signal.SIGTERM, previous)
