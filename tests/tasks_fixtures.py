@@ -196,10 +196,10 @@ def to_toml(data: dict) -> str:
 
 
 def merged(base: dict, over: dict) -> dict:
+    """Tables merge entry by entry (a test names only the model it changes)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) and k not in (
-            'models', 'request_types', 'roles') else v
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
     return out
 
 
