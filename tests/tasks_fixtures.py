@@ -71,7 +71,7 @@ class Procs:
         self.signal(proc, signal.SIGKILL)
         proc.wait(10)
 
-    def stop_all(self, timeout=8.0):
+    def stop_all(self, timeout=3.0):
         for proc in self.procs:
             if proc.poll() is None:
                 self.signal(proc, signal.SIGTERM)
