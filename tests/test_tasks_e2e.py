@@ -1,7 +1,6 @@
 """End to end: submit, real workers, the simulator, the ledger; sqlite and Redis."""
 import json
 
-import pytest
 
 pytest_plugins = ['tasks_fixtures']
 
