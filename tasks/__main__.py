@@ -63,7 +63,8 @@ def maintain():
 
 
 @cli.command(help='Waits by role, processing rate, model utilisation, peaks, queue depth.')
-@click.option('--since', default=None, help='e.g. 24h, 7d or 2025-01-31T09:00 (UTC)')
+@click.option('--since', default='24h', show_default=True,
+              help='e.g. 24h, 7d or 2025-01-31T09:00 (UTC)')
 @click.option('--json', 'as_json', is_flag=True, help='machine-readable output')
 def report(since, as_json):
     tasks = _app()

@@ -42,10 +42,7 @@ def stop(procs, timeout=30.0):
     """Warm shutdown (SIGTERM: running requests finish), then kill what is left."""
     for _, p in procs:
         if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            p.send_signal(signal.SIGTERM)  # the main process; it stops its pool itself
     deadline = time.monotonic() + timeout
     for _, p in procs:
         try:
@@ -64,9 +61,9 @@ def _interrupt(*_):
 
 def run(cfg, loglevel='info', beat=True, models=None, echo=print) -> int:
     procs = []
-    # Ctrl-C reaches the whole foreground group; the workers get their own
-    # groups so that we decide how they stop.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # The workers get their own process groups, so that Ctrl-C reaches only us
+    # and we stop them in order (a background job may even ignore SIGINT).
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for name, cmd in commands(cfg, loglevel, beat, models):
             procs.append((name, subprocess.Popen(cmd, start_new_session=True)))
@@ -82,4 +79,5 @@ def run(cfg, loglevel='info', beat=True, models=None, echo=print) -> int:
         return 0
     finally:
         stop(procs)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -38,3 +38,18 @@ def test_backlog_is_served_by_role_priority(any_broker_env):
     assert waits['system']['avg_wait_s'] < waits['staff']['avg_wait_s']
     assert report['model_utilisation']['gpt-oss:20b']['busy_slot_seconds'] > 0
     assert report['queue_depth']['gpt-oss:20b']['ready'] == 0
+
+
+def test_users_of_one_priority_take_turns(tasks_env):
+    """x-client fair scheduling (kombu_sqlite): a heavy user does not starve others."""
+    tasks_env.configure()
+    import tasks
+    results = [tasks.submit('heavy', 'system', 'transcript', {'text': f'h{i}'})
+               for i in range(4)]
+    results += [tasks.submit('light', 'system', 'transcript', {'text': f'l{i}'})
+                for i in range(2)]
+    tasks_env.worker()
+    for r in results:
+        r.get(timeout=30)
+    served = [r.user_id for r in sorted(tasks_env.rows(), key=lambda r: r.started_at)]
+    assert served == ['heavy', 'light', 'heavy', 'light', 'heavy', 'heavy']

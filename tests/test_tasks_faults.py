@@ -1,4 +1,6 @@
 """Workers against a faulting simulator: retries, no-retry errors, stalls, kills."""
+import os
+import re
 import signal
 import time
 
@@ -120,6 +122,11 @@ def test_workers_command_starts_one_worker_per_model_and_stops(tasks_env, sig):
     assert '-Q gpu.gpt-oss -c 1 --prefetch-multiplier 1' in log
     assert '-Q gpu.embed -c 1 --prefetch-multiplier 4' in log
     assert tasks.submit('u', 'staff', 'transcript', {'text': 'x'}).get(timeout=30)
+    pids = [int(p) for p in re.findall(r'\(pid (\d+)\)', log)]
+    assert len(pids) == 2
     proc.send_signal(sig)
     assert proc.wait(30) == 0
     assert 'stopping workers' in tasks_env.procs.log(proc)
+    for pid in pids:  # reaped: no worker is left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
