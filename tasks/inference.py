@@ -10,7 +10,11 @@ import logging
 from collections import defaultdict
 
 from celery.utils.time import get_exponential_backoff_interval
-from celery_batches import Batches
+
+try:
+    from celery_batches import Batches
+except ImportError:  # without it, each embedding request is its own /api/embed call
+    Batches = None
 
 from .app import app, current
 from .ollama import Ollama, OllamaError, OllamaUnavailable
@@ -40,9 +44,19 @@ def chat(model: str, messages: list, options=None) -> dict:
     return ollama().chat(model, messages, options=options)
 
 
-@app.task(name='tasks.embed', base=Batches, flush_every=_cfg.embed_batch_size,
-          flush_interval=_cfg.embed_batch_wait, bind=True)
-def embed(self, requests) -> dict:
+def _embed_one(model: str, input) -> dict:
+    """One embedding request, unbatched (used when celery-batches is missing)."""
+    out = ollama().embed(model, [input] if isinstance(input, str) else list(input))
+    result = {'model': model, 'embeddings': out['embeddings'], 'batch_size': 1,
+              'prompt_eval_count': out.get('prompt_eval_count'),
+              'total_duration': out.get('total_duration'),
+              'load_duration': out.get('load_duration')}
+    if isinstance(input, str):
+        result['embedding'] = out['embeddings'][0]
+    return result
+
+
+def _embed_batch(self, requests) -> dict:
     """Embed a batch of requests, one ``/api/embed`` call per model.
 
     Each request is ``embed(model=..., input=str | [str, ...])``.  Returns
@@ -86,6 +100,15 @@ def embed(self, requests) -> dict:
             self.backend.mark_as_done(req.id, result, request=req)
             outcomes[req.id] = ('succeeded', result)
     return outcomes
+
+
+if Batches is None:
+    logger.warning('celery-batches is not installed: embedding requests are not batched')
+    embed = app.task(name='tasks.embed', is_batch=False, **RETRY)(_embed_one)
+else:
+    embed = app.task(name='tasks.embed', base=Batches, flush_every=_cfg.embed_batch_size,
+                     flush_interval=_cfg.embed_batch_wait, bind=True, is_batch=True
+                     )(_embed_batch)
 
 
 def _share(total, part, whole):

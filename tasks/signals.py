@@ -109,7 +109,7 @@ def _prerun(sender=None, task_id=None, task=None, args=None, kwargs=None, **_):
     if task is None or task.name not in LEDGERED:
         return
     hostname = getattr(task.request, 'hostname', None)
-    if task.name == 'tasks.embed':  # a batch: one row per request in it
+    if getattr(task, 'is_batch', False):  # one row per request in the batch
         for req in (args[0] if args else []):
             mark_running(req.id, req, req.kwargs, req.hostname)
         return
@@ -119,7 +119,7 @@ def _prerun(sender=None, task_id=None, task=None, args=None, kwargs=None, **_):
 @signals.task_postrun.connect
 @_safely
 def _postrun(sender=None, task=None, retval=None, **_):
-    if task is None or task.name != 'tasks.embed' or not isinstance(retval, dict):
+    if not getattr(task, 'is_batch', False) or not isinstance(retval, dict):
         return
     for task_id, (outcome, value) in retval.items():
         if outcome == 'succeeded':
@@ -133,7 +133,7 @@ def _postrun(sender=None, task=None, retval=None, **_):
 @signals.task_success.connect
 @_safely
 def _success(sender=None, result=None, **_):
-    if sender is None or sender.name not in ('tasks.generate', 'tasks.chat'):
+    if sender is None or sender.name not in LEDGERED or getattr(sender, 'is_batch', False):
         return
     mark_succeeded(sender.request.id, result if isinstance(result, dict) else {})
 
