@@ -1,0 +1,53 @@
+"""``report.png``: wait by role over time, and queue depth over time."""
+from __future__ import annotations
+
+# Role colours from urgent (dark red) to patient (light blue), one per priority.
+COLOURS = ['#7f0000', '#d7301f', '#fc8d59', '#fdcc8a', '#9ecae1', '#3182bd']
+
+
+def plot(report: dict, roles: list[str], path) -> None:
+    """``roles`` in priority order (first served first)."""
+    import matplotlib
+    matplotlib.use('Agg')  # no display needed, and none opened
+    import matplotlib.pyplot as plt
+
+    colour = {role: COLOURS[min(i, len(COLOURS) - 1)] for i, role in enumerate(roles)}
+    b0, b1 = report['run']['phases']['burst']
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), sharex=True,
+                                      gridspec_kw={'height_ratios': [3, 2]})
+    for ax in (top, bottom):
+        ax.axvspan(b0, b1, color='0.92', zorder=0)
+        ax.grid(True, color='0.85', linewidth=0.5)
+
+    # Wait of each request against when it was submitted, a colour per role.
+    waits = report['waits']
+    for role in reversed(roles):  # urgent roles drawn last, on top
+        pts = [(t, w) for t, w, r, _ in waits if r == role]
+        if pts:
+            top.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, alpha=0.8,
+                        color=colour[role], label=f'{role} ({len(pts)})',
+                        edgecolors='none')
+    top.set_ylabel('wait before a GPU slot (s)')
+    top.set_title('Wait by role: each dot is a request, at the time it was submitted')
+    top.legend(loc='upper left', fontsize=8, ncols=2, title='role (requests)',
+               title_fontsize=8)
+    top.text((b0 + b1) / 2, 0.98, 'burst', transform=top.get_xaxis_transform(),
+             ha='center', va='top', fontsize=9, color='0.4')
+
+    # Queue depth: ready requests stacked by role, and busy slots on top.
+    tl = report['timeline']
+    if tl['t']:
+        series = [tl['ready_by_role'][r] for r in roles]
+        bottom.stackplot(tl['t'], *series, colors=[colour[r] for r in roles],
+                         labels=roles, alpha=0.85)
+        bottom.step(tl['t'], tl['running'], where='post', color='black', linewidth=1.2,
+                    label='GPU slots busy')
+    slots = sum(m['slots'] for m in report['models'].values())
+    bottom.axhline(slots, color='black', linestyle=':', linewidth=0.8)
+    bottom.set_ylabel('requests')
+    bottom.set_xlabel('seconds since the replay started')
+    bottom.set_title(f'Queue depth by role (ready in the broker) and busy slots (of {slots})')
+    bottom.legend(loc='upper right', fontsize=8, ncols=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
