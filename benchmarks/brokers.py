@@ -1,0 +1,126 @@
+"""The brokers under test: kombu_sqlite, stock Redis, kombu's SQLAlchemy on SQLite."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import procs
+
+NAMES = ('sqlite', 'redis', 'sqla')
+
+
+@dataclass
+class Broker:
+    name: str
+    url: str
+    transport_options: dict = field(default_factory=dict)
+    scale: float = 1.0  # share of the message counts this broker gets (sqla is slow)
+    tmpdir: Path | None = None
+
+    def counts(self, n: int, floor: int = 50) -> int:
+        return max(floor, int(n * self.scale))
+
+    def fresh(self, tag: str) -> 'Broker':
+        """The same broker on an empty store (new file, or FLUSHDB on Redis)."""
+        if self.name == 'sqlite':
+            url = f'sqlite:///{self.tmpdir}/{tag}.db'
+        elif self.name == 'sqla':
+            url = f'sqla+sqlite:///{self.tmpdir}/{tag}-sqla.db'
+        else:
+            import redis
+            redis.Redis.from_url(self.url).flushdb()
+            url = self.url
+        return Broker(self.name, url, dict(self.transport_options), self.scale, self.tmpdir)
+
+    def connection(self):
+        import kombu
+        return kombu.Connection(self.url, transport_options=self.transport_options)
+
+
+def register_sqlite() -> None:
+    try:
+        import kombu_sqlite  # noqa: F401  registers sqlite://
+    except ImportError:
+        pass
+
+
+def sqlite_available() -> str | None:
+    """None when kombu_sqlite works here, else why not."""
+    try:
+        import kombu
+        import kombu_sqlite  # noqa: F401  registers sqlite://
+        conn = kombu.Connection('sqlite:////tmp/kombu-sqlite-bench-probe.db')
+        conn.connect()
+        conn.release()
+        return None
+    except Exception as exc:  # the transport may still be missing or broken
+        return f'{type(exc).__name__}: {exc}'
+
+
+class RedisServer:
+    """A throwaway redis-server on loopback, no persistence."""
+
+    def __init__(self, tmpdir: Path):
+        self.tmpdir = tmpdir
+        self.port = procs.free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f'redis://127.0.0.1:{self.port}/0'
+
+    def __enter__(self):
+        binary = shutil.which('redis-server')
+        if binary is None:
+            raise FileNotFoundError('redis-server is not installed')
+        log = open(self.tmpdir / 'redis.log', 'wb')
+        self.proc = procs.popen(
+            [binary, '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
+             '--appendonly', 'no', '--dir', str(self.tmpdir)],
+            stdout=log, stderr=subprocess.STDOUT)
+        import redis
+        client = redis.Redis(port=self.port)
+
+        def up():
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError('redis-server exited at start, see redis.log')
+                return False
+        procs.wait_for(up, 15, what='redis-server')
+        return self
+
+    def __exit__(self, *exc):
+        procs.stop(self.proc)
+
+    def version(self) -> str:
+        out = subprocess.run(['redis-server', '--version'], capture_output=True, text=True)
+        return out.stdout.split()[2].removeprefix('v=') if out.returncode == 0 else '?'
+
+
+def setup(names, tmpdir: Path, stack, sqlite_options: dict) -> tuple[list[Broker], list[str]]:
+    """Start what is needed; returns the usable brokers and notes on skipped ones."""
+    brokers, notes = [], []
+    for name in names:
+        if name == 'sqlite':
+            why = sqlite_available()
+            if why:
+                notes.append(f'sqlite skipped: kombu_sqlite unusable ({why})')
+                continue
+            brokers.append(Broker('sqlite', f'sqlite:///{tmpdir}/bench.db',
+                                  dict(sqlite_options), tmpdir=tmpdir))
+        elif name == 'redis':
+            if shutil.which('redis-server') is None:
+                notes.append('redis skipped: redis-server not installed '
+                             '(apt-get install redis-server)')
+                continue
+            server = stack.enter_context(RedisServer(tmpdir))
+            brokers.append(Broker('redis', server.url, tmpdir=tmpdir))
+        elif name == 'sqla':
+            # Polls a table through SQLAlchemy: about 1/40 of the others' rate.
+            brokers.append(Broker('sqla', f'sqla+sqlite:///{tmpdir}/sqla.db',
+                                  scale=0.05, tmpdir=tmpdir))
+    return brokers, notes

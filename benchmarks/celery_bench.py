@@ -1,0 +1,77 @@
+"""Celery end-to-end: a real ``celery worker`` (prefork, 2 processes) runs N tasks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import procs
+from .celery_app import QUEUE, make_app
+
+ROOT = Path(__file__).resolve().parent.parent
+POOL, CONCURRENCY = 'prefork', 2
+
+
+def _count(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def start_worker(broker, counter: Path, log: Path):
+    env = dict(os.environ, BENCH_BROKER_URL=broker.url, BENCH_COUNTER=str(counter),
+               BENCH_TRANSPORT_OPTIONS=json.dumps(broker.transport_options),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
+    cmd = [sys.executable, '-m', 'celery', '-A', 'benchmarks.celery_app', 'worker',
+           '-P', POOL, '-c', str(CONCURRENCY), '-Q', QUEUE, '-l', 'INFO',
+           '--without-gossip', '--without-mingle', '--without-heartbeat',
+           '-n', f'bench-{broker.name}@%h']
+    out = open(log, 'wb')
+    proc = procs.popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f'celery worker exited ({proc.returncode}):\n{_tail(log)}')
+        return b' ready.' in log.read_bytes()
+    procs.wait_for(ready, 60, what=f'{broker.name} celery worker')
+    return proc
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    return '\n'.join(log.read_text(errors='replace').splitlines()[-lines:])
+
+
+def measure(broker, n: int, timeout: float = 600) -> dict:
+    counter = broker.tmpdir / f'celery-{broker.name}.count'
+    log = broker.tmpdir / f'celery-{broker.name}.log'
+    counter.unlink(missing_ok=True)
+    app = make_app(broker.url, broker.transport_options)
+    tick = app.tasks['bench.tick']
+    worker = start_worker(broker, counter, log)
+    try:
+        with app.producer_or_acquire() as producer:
+            tick.apply_async(producer=producer)  # warm-up: pool processes, connections
+            procs.wait_for(lambda: _count(counter) >= 1, 60, 0.005, 'the warm-up task')
+            base = _count(counter)
+            started = time.perf_counter()
+            for _ in range(n):
+                tick.apply_async(producer=producer)
+            published = time.perf_counter() - started
+        deadline = time.monotonic() + timeout
+        while _count(counter) - base < n:
+            if worker.poll() is not None:
+                raise RuntimeError(f'celery worker died:\n{_tail(log)}')
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'{broker.name}: {_count(counter) - base} of {n} '
+                                   f'tasks done after {timeout:.0f} s')
+            time.sleep(0.002)
+        elapsed = time.perf_counter() - started
+    finally:
+        procs.stop(worker)
+        app.close()
+    return {'tasks': n, 'seconds': elapsed, 'rate': n / elapsed,
+            'publish_seconds': published, 'pool': f'{POOL} -c {CONCURRENCY}'}

@@ -1,0 +1,162 @@
+"""Scale suite: claim+ack with many messages queued, and many processes on one queue.
+
+Queues are filled through the transport's own Producer (as an application
+would), one message per publish, in batches of 1,000 between budget
+checks.  A fill projected to take longer than the budget stops after its
+first batches; its rate is reported and that depth is skipped.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue as queue_mod
+import socket
+import time
+from pathlib import Path
+
+from kombu import Consumer, Producer
+
+from . import procs
+from .brokers import register_sqlite
+from .kombu_bench import EXCHANGE, PAYLOAD, bench_queue, consume
+
+QUEUE = 'bench.scale'
+BATCH = 1_000  # how often the fill checks its budget
+
+
+def fill(broker, n: int, budget: float, log) -> dict:
+    """Publish ``n`` messages; stop early if the projected time exceeds ``budget``."""
+    queue = bench_queue(QUEUE)
+    with broker.connection() as conn:
+        channel = conn.channel()
+        queue(channel).declare()
+        producer = Producer(channel, EXCHANGE, serializer='json')
+        started, done = time.perf_counter(), 0
+        while done < n:
+            for i in range(done, min(done + BATCH, n)):
+                producer.publish({'i': i, 'payload': PAYLOAD}, routing_key=QUEUE)
+            done = min(done + BATCH, n)
+            elapsed = time.perf_counter() - started
+            projected = elapsed * n / done
+            if done < n and done % 100_000 == 0:
+                log(f'{broker.name}: filled {done:,} of {n:,} ({done / elapsed:,.0f}/s)')
+            if done < n and projected > budget:
+                return {'filled': done, 'fill_seconds': elapsed, 'fill_rate': done / elapsed,
+                        'note': f'skipped: fill projected {projected:,.0f} s > '
+                                f'{budget:,.0f} s budget'}
+    return {'filled': n, 'fill_seconds': elapsed, 'fill_rate': n / elapsed}
+
+
+def _drop(broker) -> None:
+    """Remove a finished sqlite file: a million messages take hundreds of MB."""
+    if broker.name in ('sqlite', 'sqla'):
+        path = broker.url.split(':///', 1)[1]
+        for suffix in ('', '-wal', '-shm', '-journal'):
+            Path(path + suffix).unlink(missing_ok=True)
+
+
+def depth_suite(broker, opts, log) -> list[dict]:
+    rows = []
+    budget = opts['fill_budget'] * (broker.scale if broker.scale < 1 else 1)
+    for depth in opts['depths']:
+        b = broker.fresh(f'depth-{depth}')
+        log(f'{broker.name}: fill {depth:,} messages')
+        row = {'queued': depth, **fill(b, depth, budget, log)}
+        if row['filled'] == depth:
+            sample = min(depth, opts['claim_sample'])
+            log(f'{broker.name}: claim+ack {sample:,} of {depth:,} queued')
+            row.update(consume(b, QUEUE, sample, opts['prefetch']))
+        rows.append(row)
+        _drop(b)
+    return rows
+
+
+def _consumer(broker, prefetch, ready, go, results) -> None:
+    register_sqlite()
+    locked = 0
+
+    class CountLocked(logging.Handler):  # the transport logs errors it retried through
+        def emit(self, record):
+            nonlocal locked
+            locked += 'database is locked' in record.getMessage()
+    logging.getLogger().addHandler(CountLocked(logging.WARNING))
+    ids, first, last = [], None, None
+
+    def on_message(body, message):
+        nonlocal first, last
+        message.ack()
+        last = time.time()
+        first = first or last
+        ids.append(body['i'])
+
+    with broker.connection() as conn:
+        consumer = Consumer(conn.channel(), [bench_queue(QUEUE)], callbacks=[on_message],
+                            prefetch_count=prefetch, accept=['json'])
+        with consumer:
+            ready.put(1)
+            go.wait()
+            while True:
+                try:
+                    conn.drain_events(timeout=2.0)  # 2 s without a message: queue empty
+                except socket.timeout:
+                    break
+                except Exception as exc:
+                    if 'database is locked' not in str(exc) or locked > 1000:
+                        raise
+                    locked += 1
+    results.put({'ids': ids, 'first': first, 'last': last, 'locked': locked})
+
+
+def consumers(broker, nprocs: int, total: int, prefetch: int) -> dict:
+    """``nprocs`` processes drain a queue of ``total`` messages at once."""
+    ctx = multiprocessing.get_context('spawn')
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    workers = [procs.track(ctx.Process(target=_consumer, daemon=True,
+                                       args=(broker, prefetch, ready, go, results)))
+               for _ in range(nprocs)]
+    try:
+        for w in workers:
+            w.start()
+        for _ in workers:
+            ready.get(timeout=60)
+        started = time.time()
+        go.set()
+        reports = []
+        for _ in workers:
+            try:
+                reports.append(results.get(timeout=600))
+            except queue_mod.Empty:
+                raise RuntimeError(f'{broker.name}: a consumer process did not report') from None
+    finally:
+        for w in workers:
+            procs.stop(w)
+    ids = [i for r in reports for i in r['ids']]
+    last = max((r['last'] for r in reports if r['last']), default=started)
+    return {'processes': nprocs, 'messages': len(ids), 'seconds': last - started,
+            'rate': len(ids) / max(last - started, 1e-9),
+            'per_process': [len(r['ids']) for r in reports],
+            'locked_errors': sum(r['locked'] for r in reports),
+            'duplicates': len(ids) - len(set(ids)), 'missing': total - len(set(ids))}
+
+
+def processes_suite(broker, opts, log) -> list[dict]:
+    rows = []
+    total = broker.counts(opts['per_process'] * opts['processes'])
+    for nprocs in sorted({1, opts['processes']}):
+        b = broker.fresh(f'procs-{nprocs}')
+        log(f'{broker.name}: fill {total:,}, then {nprocs} consumer process(es) drain it')
+        filled = fill(b, total, float('inf'), log)
+        row = consumers(b, nprocs, total, opts['prefetch'])
+        row['fill_rate'] = filled['fill_rate']
+        row['vs_single'] = row['rate'] / rows[0]['rate'] if rows else 1.0
+        log(f'{broker.name}: {nprocs} process(es): {row["rate"]:,.0f} msg/s, '
+            f'{row["locked_errors"]} locked, {row["duplicates"]} duplicates, '
+            f'{row["missing"]} missing')
+        rows.append(row)
+        _drop(b)
+    return rows
+
+
+def run(brokers, opts, log) -> dict:
+    return {b.name: {'depth': depth_suite(b, opts, log),
+                     'processes': processes_suite(b, opts, log)} for b in brokers}
