@@ -139,7 +139,7 @@ class Demo:
         return {**os.environ, **env}
 
     def start(self, env):
-        self.stack = demo_stack.Stack(self.data_dir / 'logs', env)
+        self.stack = demo_stack.Stack(self.data_dir / 'logs', env, echo=self.say)
         if not self.args.real:
             port = int(self.ollama_url.rsplit(':', 1)[1])
             demo_stack.start_simulator(self.stack, self.sizing, port)

@@ -13,9 +13,9 @@ def plot(report: dict, roles: list[str], path) -> None:
 
     colour = {role: COLOURS[min(i, len(COLOURS) - 1)] for i, role in enumerate(roles)}
     b0, b1 = report['run']['phases']['burst']
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), sharex=True,
-                                      gridspec_kw={'height_ratios': [3, 2]})
-    for ax in (top, bottom):
+    fig, (top, bottom, slots_ax) = plt.subplots(
+        3, 1, figsize=(11, 9), sharex=True, gridspec_kw={'height_ratios': [3, 2, 1]})
+    for ax in (top, bottom, slots_ax):
         ax.axvspan(b0, b1, color='0.92', zorder=0)
         ax.grid(True, color='0.85', linewidth=0.5)
 
@@ -34,20 +34,26 @@ def plot(report: dict, roles: list[str], path) -> None:
     top.text((b0 + b1) / 2, 0.98, 'burst', transform=top.get_xaxis_transform(),
              ha='center', va='top', fontsize=9, color='0.4')
 
-    # Queue depth: ready requests stacked by role, and busy slots on top.
+    # Queue depth: ready requests stacked by role.
     tl = report['timeline']
     if tl['t']:
         series = [tl['ready_by_role'][r] for r in roles]
         bottom.stackplot(tl['t'], *series, colors=[colour[r] for r in roles],
                          labels=roles, alpha=0.85)
-        bottom.step(tl['t'], tl['running'], where='post', color='black', linewidth=1.2,
-                    label='GPU slots busy')
+        bottom.legend(loc='upper right', fontsize=8, ncols=2)
+    bottom.set_ylabel('requests waiting')
+    bottom.set_title('Queue depth by role (ready in the broker)')
+
+    # Busy GPU slots: full while anything waits.
     slots = sum(m['slots'] for m in report['models'].values())
-    bottom.axhline(slots, color='black', linestyle=':', linewidth=0.8)
-    bottom.set_ylabel('requests')
-    bottom.set_xlabel('seconds since the replay started')
-    bottom.set_title(f'Queue depth by role (ready in the broker) and busy slots (of {slots})')
-    bottom.legend(loc='upper right', fontsize=8, ncols=2)
+    if tl['t']:
+        slots_ax.step(tl['t'], tl['running'], where='post', color='black', linewidth=1.0)
+        slots_ax.fill_between(tl['t'], tl['running'], step='post', color='0.6')
+    slots_ax.set_ylim(0, slots + 0.5)
+    slots_ax.set_yticks(range(slots + 1))
+    slots_ax.set_ylabel('slots busy')
+    slots_ax.set_title(f'GPU slots running a request (of {slots})')
+    slots_ax.set_xlabel('seconds since the replay started')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

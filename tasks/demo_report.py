@@ -44,13 +44,19 @@ def _sweep(rows, slots: int, end: float, burst: tuple[float, float]) -> dict:
     last = None
     waiting_s = busy_while_waiting = busy = 0.0
     peak = 0
-    drained_at = emptied_at = None
+    drained_at = emptied_at = backlog_from = None
+    nonempty_since = None
     for t, dq, dr in events:
+        if backlog_from is None and t >= burst[0]:
+            # The burst's backlog includes what was already waiting when it began.
+            backlog_from = nonempty_since if queued > 0 else burst[0]
         if last is not None and t > last:
             if queued > 0:
                 waiting_s += t - last
                 busy_while_waiting += min(running, slots) * (t - last)
             busy += min(running, slots) * (t - last)
+        if queued == 0 and queued + dq > 0:
+            nonempty_since = t
         queued += dq
         running += dr
         last = t
@@ -69,7 +75,8 @@ def _sweep(rows, slots: int, end: float, burst: tuple[float, float]) -> dict:
             'while_waiting': busy_while_waiting / (slots * waiting_s) if waiting_s else None,
             'backlog_peak': peak,
             'drained_at': drained_at,
-            'drain_s': None if drained_at is None else drained_at - burst[0]}
+            'backlog_from': backlog_from,
+            'drain_s': None if drained_at is None else drained_at - (backlog_from or burst[0])}
 
 
 def _reason(row) -> str:

@@ -40,9 +40,10 @@ def answers(url: str, auth=None, timeout=1.0) -> bool:
 class Stack:
     """Started processes, with a log file each; :meth:`stop` ends them all."""
 
-    def __init__(self, log_dir: Path, env: dict):
+    def __init__(self, log_dir: Path, env: dict, echo=print):
         self.log_dir = log_dir
         self.env = env
+        self.echo = echo
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
 
@@ -50,10 +51,12 @@ class Stack:
         path = self.log_dir / f'{name.replace(":", "-")}.log'
         with open(path, 'ab') as log:
             proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, cwd=self.log_dir.parent,
+                                    start_new_session=True)
         proc.log_path = path
         with self.lock:
             self.procs[name] = proc
+        self.echo(f'started {name} (pid {proc.pid}, log {path})')
         return proc
 
     def log(self, name: str) -> str:
