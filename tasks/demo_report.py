@@ -224,9 +224,10 @@ def render(report: dict, console, flower_url: str, paths: dict):
                   _fmt(b.get('max_s')))
     console.print(t)
     t = Table(title='GPU slots')
-    for col in ('model', 'slots', 'busy slot-s', 'utilisation', 'busy while queued',
+    t.add_column('model', no_wrap=True, min_width=max(map(len, report['models'])))
+    for col in ('slots', 'busy slot-s', 'utilisation', 'busy while queued',
                 'queued for', 'peak backlog', 'drained after', 'per minute'):
-        t.add_column(col, justify='left' if col == 'model' else 'right')
+        t.add_column(col, justify='right')
     for name, m in report['models'].items():
         t.add_row(name, str(m['slots']), f'{m["busy_slot_s"]:.0f}',
                   _fmt(m['overall'] and 100 * m['overall'], '%'),

@@ -96,7 +96,7 @@ def view(cfg, replay, sampler, sizing, flower_url):
     sample = sampler.last() or {}
     roles = sorted(cfg.roles.values(), key=lambda r: r.priority)
     table = Table(title='Queue depth by priority (ready requests)', expand=False)
-    table.add_column('model')
+    table.add_column('model', no_wrap=True)
     for r in roles:
         table.add_column(f'{r.priority} {r.name}', justify='right')
     table.add_column('waiting', justify='right', style='bold')
