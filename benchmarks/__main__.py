@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import json
 import signal
 import sys
@@ -74,11 +75,17 @@ def run_main(brokers, opts) -> dict:
               help='scale suite: seconds a fill may take; larger depths are skipped.')
 @click.option('--transport-option', 'topts', multiple=True, metavar='KEY=JSON',
               help='Transport option for the sqlite broker, e.g. wakeup=\'"poll"\'.')
+@click.option('--markdown', is_flag=True,
+              help='Print the results file as Markdown tables and exit (measures nothing).')
 @click.option('--out', type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT,
               show_default=True, help='Results JSON file.')
 def main(names, suite, messages, tasks, samples, rounds, prefetch, quick, depths, processes,
-         fill_budget, topts, out):
+         fill_budget, topts, markdown, out):
     """Measure kombu_sqlite against Redis and kombu's SQLAlchemy transport."""
+    if markdown:
+        from .markdown import render
+        click.echo(render(json.loads(out.read_text())))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
     if quick:
         messages, tasks, samples, rounds = min(messages, 2000), min(tasks, 200), min(samples, 50), 1
@@ -90,6 +97,7 @@ def main(names, suite, messages, tasks, samples, rounds, prefetch, quick, depths
             'claim_sample': 2000 if quick else 20_000}
     sqlite_options = {k: json.loads(v) for k, v in (t.split('=', 1) for t in topts)}
     info = machine.describe()
+    info['loadavg_at_start'] = os.getloadavg()  # other work on the box skews every figure
     _log(f'{info["cpu"]}, {info["nproc"]} CPUs, Python {info["python"]}, '
          f'kombu {info["kombu"]}, SQLite {info["sqlite"]}')
     failed = False
@@ -109,6 +117,7 @@ def main(names, suite, messages, tasks, samples, rounds, prefetch, quick, depths
             ratio = report.ratios(results)
             rows = report.targets(results, ratio)
             report.print_main(results, ratio, rows)
+            info['loadavg_at_end'] = os.getloadavg()
             report.save(out, 'main', {'machine': info, 'config': config, 'notes': notes,
                                       'results': results, 'ratios': ratio, 'targets': rows})
             failed = any(row['pass'] is False for row in rows)
@@ -116,6 +125,7 @@ def main(names, suite, messages, tasks, samples, rounds, prefetch, quick, depths
             from . import scale
             results = scale.run(brokers, opts, _log)
             report.print_scale(results)
+            info['loadavg_at_end'] = os.getloadavg()
             report.save(out, 'scale', {'machine': info, 'config': config, 'notes': notes,
                                        'results': results})
     report.console.print(f'results written to {out}')

@@ -38,11 +38,11 @@ def track(process):
     return process
 
 
-def stop(proc, timeout: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL (the whole group of a Popen) after ``timeout``."""
+def stop(proc, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
+    """``sig``, then SIGKILL (the whole group of a Popen) after ``timeout``."""
     if isinstance(proc, subprocess.Popen):
         if proc.poll() is None:
-            proc.terminate()
+            proc.send_signal(sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,80 @@
+"""Markdown tables from a results file, for docs/benchmarks.md."""
+from __future__ import annotations
+
+from .report import THROUGHPUT
+
+
+def _row(cells) -> str:
+    return '| ' + ' | '.join(str(c) for c in cells) + ' |'
+
+
+def _table(header, rows) -> list[str]:
+    return [_row(header), _row(['---'] * len(header)), *(_row(r) for r in rows)]
+
+
+def _n(value, digits=0) -> str:
+    return '-' if value is None else f'{value:,.{digits}f}'
+
+
+def machine(info: dict) -> list[str]:
+    return _table(['', ''], [
+        ['CPU', f'{info["cpu"]}, {info["nproc"]} CPUs (nproc)'],
+        ['RAM', f'{info["ram_gib"]} GiB'], ['kernel', info['kernel']],
+        ['Python', info['python']],
+        ['kombu / celery', f'{info["kombu"]} / {info["celery"]}'],
+        ['SQLite (library)', info['sqlite']],
+        ['redis-server / redis-py / hiredis',
+         f'{info["redis_server"]} / {info["redis_py"]} / {info["hiredis"] or "not installed"}'],
+        ['SQLAlchemy', info['sqlalchemy']],
+        ['load average (1 min) at start / end', ' / '.join(
+            _n((info.get(k) or [None])[0], 2) for k in ('loadavg_at_start', 'loadavg_at_end'))],
+    ])
+
+
+def main_suite(data: dict) -> list[str]:
+    res = data['results']
+    rows = []
+    for broker, r in res.items():
+        lat = r.get('latency', {})
+        rows.append([broker, *[_n(r[m]['rate']) for m, _ in THROUGHPUT],
+                     _n(lat.get('p50_ms'), 2), _n(lat.get('p99_ms'), 2),
+                     _n(lat.get('idle_cpu_pct'), 2)])
+    out = _table(['broker', *[label for _, label in THROUGHPUT], 'wake-up p50 ms',
+                  'wake-up p99 ms', 'idle CPU % of a core'], rows)
+    out += ['', 'Every round (the table shows the median):', '']
+    out += _table(['broker', *[label for _, label in THROUGHPUT]], [
+        [broker, *[' / '.join(_n(x) for x in r[m]['round_rates']) for m, _ in THROUGHPUT]]
+        for broker, r in res.items()])
+    out += ['']
+    out += _table(['ratio', 'value'], [[k, f'{v:.2f}x'] for k, v in data['ratios'].items()])
+    out += ['']
+    verdict = {True: 'PASS', False: '**FAIL**', None: 'not measured'}
+    out += _table(['target', 'measured', 'result'], [
+        [t['target'], _n(t['value'], 2), verdict[t['pass']]] for t in data['targets']])
+    return out
+
+
+def scale_suite(data: dict) -> list[str]:
+    res = data['results']
+    out = _table(['broker', 'queued', 'fill msg/s', 'fill s', 'claim+ack msg/s',
+                  'messages claimed', 'note'], [
+        [b, _n(d['queued']), _n(d['fill_rate']), _n(d['fill_seconds'], 1), _n(d.get('rate')),
+         _n(d.get('messages')), d.get('note', '')]
+        for b, r in res.items() for d in r['depth']])
+    out += ['']
+    out += _table(['broker', 'processes', 'messages', 'aggregate msg/s', 'vs 1 process',
+                   '"database is locked"', 'duplicates', 'missing', 'per process'], [
+        [b, p['processes'], _n(p['messages']), _n(p['rate']), f'{p["vs_single"]:.2f}x',
+         p['locked_errors'], p['duplicates'], p['missing'],
+         ' '.join(str(x) for x in p['per_process'])]
+        for b, r in res.items() for p in r['processes']])
+    return out
+
+
+def render(data: dict) -> str:
+    lines = []
+    for suite, fn in (('main', main_suite), ('scale', scale_suite)):
+        if suite in data:
+            lines += [f'<!-- {suite} suite -->', '', *machine(data[suite]['machine']), '',
+                      *fn(data[suite]), '']
+    return '\n'.join(lines)
