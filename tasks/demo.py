@@ -30,8 +30,10 @@ RUN_FILES = ('broker.db', 'results.db', 'ledger.db', 'tasks.toml', 'report.json'
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog='python -m tasks demo', description=__doc__.split(
-        '\n\n')[0].split(': ', 1)[1])
+    p = argparse.ArgumentParser(
+        prog='python -m tasks demo',
+        description='Replay a demand spike on one box and watch it in Flower; writes '
+                    'report.json and report.png and checks them against four criteria.')
     p.add_argument('--scale', type=float, default=1.0,
                    help='size of the spike: 1 is ~350 requests from ~60 users (default 1)')
     p.add_argument('--duration', type=float, default=120.0,
@@ -150,6 +152,10 @@ class Demo:
                                 lambda: demo_stack.answers(f'{self.ollama_url}/api/version'))
         else:
             self.say(f'Using the Ollama at {self.ollama_url}')
+            missing = set(self.cfg.models) - demo_stack.ollama_models(self.ollama_url)
+            if missing:
+                self.say(f'[yellow]that Ollama lacks {", ".join(sorted(missing))}: '
+                         f'`ollama pull` them, or their requests fail[/]')
         workers = demo_stack.start_workers(self.stack, self.cfg)
         port = demo_stack.free_port(self.args.flower_port)
         self.flower_url = demo_stack.start_flower(self.stack, port, FLOWER_USER,
