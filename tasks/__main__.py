@@ -88,7 +88,8 @@ def report(since, as_json):
         report_mod.render(data)
 
 
-@cli.command(context_settings={'ignore_unknown_options': True, 'allow_extra_args': True},
+@cli.command(context_settings={'ignore_unknown_options': True, 'allow_extra_args': True,
+                               'help_option_names': []},  # --help is the demo's own
              help='Replay a demand spike against the simulator and watch it (tasks.demo).')
 @click.pass_context
 def demo(ctx):
