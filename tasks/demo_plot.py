@@ -31,8 +31,6 @@ def plot(report: dict, roles: list[str], path) -> None:
     top.set_title('Wait by role: each dot is a request, at the time it was submitted')
     top.legend(loc='upper left', fontsize=8, ncols=2, title='role (requests)',
                title_fontsize=8)
-    top.text((b0 + b1) / 2, 0.98, 'burst', transform=top.get_xaxis_transform(),
-             ha='center', va='top', fontsize=9, color='0.4')
 
     # Queue depth: ready requests stacked by role.
     tl = report['timeline']
@@ -41,6 +39,9 @@ def plot(report: dict, roles: list[str], path) -> None:
         bottom.stackplot(tl['t'], *series, colors=[colour[r] for r in roles],
                          labels=roles, alpha=0.85)
         bottom.legend(loc='upper right', fontsize=8, ncols=2)
+    # Labelled here: the queue is still short where the burst begins.
+    bottom.text(b0 + 0.01 * (b1 - b0), 0.96, ' burst', transform=bottom.get_xaxis_transform(),
+                ha='left', va='top', fontsize=9, color='0.35')
     bottom.set_ylabel('requests waiting')
     bottom.set_title('Queue depth by role (ready in the broker)')
 

@@ -225,7 +225,7 @@ def render(report: dict, console, flower_url: str, paths: dict):
     console.print(t)
     t = Table(title='GPU slots')
     t.add_column('model', no_wrap=True, min_width=max(map(len, report['models'])))
-    for col in ('slots', 'busy slot-s', 'utilisation', 'busy while queued',
+    for col in ('slots', 'busy slot-s', 'busy overall', 'busy while queued',
                 'queued for', 'peak backlog', 'drained after', 'per minute'):
         t.add_column(col, justify='right')
     for name, m in report['models'].items():
