@@ -119,6 +119,7 @@ class Demo:
     def configure(self):
         """Write the demo's configuration and point this process and its children at it."""
         import tasks
+
         from . import config
         ollama_url = os.environ.get('OLLAMA_HOST', '') if self.args.real else None
         if self.args.real:
@@ -230,6 +231,7 @@ class Demo:
 
     def report(self) -> dict:
         from kombu_sqlite import Broker
+
         from . import demo_plot, ledger
         end = time.time()
         time.sleep(2 * self.sampler.interval)  # one more sample of the empty queues

@@ -32,6 +32,7 @@ class Sampler(threading.Thread):
 
     def run(self):
         from kombu_sqlite import Broker
+
         from . import ledger as ledger_mod
         ledger_mod.engine(self.cfg.ledger_url)  # creates the tables if no one has yet
         broker = Broker(self.cfg.broker_url)

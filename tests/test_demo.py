@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = ['system', 'executive', 'director', 'manager', 'analyst', 'staff']
 
@@ -101,4 +100,4 @@ def test_ctrl_c_stops_everything(tmp_path):
 
 
 def _pids(out: str) -> list[int]:
-    return [int(m) for m in re.findall(r'^started \S+ \(pid (\d+)', out, re.M)]
+    return [int(m) for m in re.findall(r'^started \S+ \(pid (\d+)', out, re.MULTILINE)]
