@@ -1,8 +1,8 @@
 """The processes the demo runs: the simulator, a worker per model, Flower.
 
 Each runs in its own session (process group), so a Ctrl-C in the terminal
-reaches only the demo, which then stops them in order: SIGTERM to each group
-(workers finish what they run), a wait, SIGKILL to whatever is left.
+reaches only the demo, which then stops them in order: SIGTERM to each main process
+(workers finish what they run), a wait, SIGKILL to whatever is left in its group.
 """
 from __future__ import annotations
 
@@ -93,7 +93,9 @@ class Stack:
         with self.lock:
             procs = list(self.procs.items())
         for _, proc in procs:
-            _signal_group(proc, signal.SIGTERM)
+            # The main process only: a worker then stops its own pool (warm shutdown).
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for _, proc in procs:
             try:
