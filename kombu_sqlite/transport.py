@@ -127,6 +127,10 @@ Transport options
   ``'inotify'`` or ``'poll'`` (default ``'auto'``).
 * ``poll_interval``: how often ``'poll'`` wake-up reads ``PRAGMA
   data_version`` (default ``0.002``).
+* ``prefetch_wait``: seconds ``drain_events`` waits for an ack while the
+  prefetch budget is used up before it returns (``socket.timeout``) to its
+  caller, which may hold the acks (Celery before 5.7 applies them between
+  calls) (default ``0.005``).
 * ``housekeeping_interval``: seconds between sweeps of expired leases,
   messages and queues (default ``1.0``).
 * ``max_deliveries``: deliveries without an ack before a message is
@@ -473,6 +477,7 @@ class Transport(virtual.Transport):
         self.lease_renew_interval = _option(
             options, 'lease_renew_interval', max(self.visibility_timeout / 4, 0.1))
         self.housekeeping_interval = _option(options, 'housekeeping_interval', 1.0)
+        self.prefetch_wait = _option(options, 'prefetch_wait', 0.005)
         self.native_delayed_delivery = bool(options.get('native_delayed_delivery', True))
         self.exchange_types = {}
         self._store = None
@@ -545,6 +550,7 @@ class Transport(virtual.Transport):
         """Deliver one batch, sleeping on the wake-up signal while idle."""
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = self._get_waiter()
+        budget_spent_since = None
         while True:
             waiter.arm()
             try:
@@ -558,9 +564,16 @@ class Transport(virtual.Transport):
                 if wait <= 0:
                     raise socket.timeout()
             if any(c._consumers and not c.qos.can_consume() for c in self.channels):
-                # Prefetch budget used up: acks come from other threads.
+                # Prefetch budget used up.  Acks from other threads free it
+                # within a millisecond; but Celery before 5.7 applies acks
+                # between drain_events calls, so give control back soon.
+                now = time.monotonic()
+                budget_spent_since = budget_spent_since or now
+                if now - budget_spent_since >= self.prefetch_wait:
+                    raise socket.timeout()
                 time.sleep(min(wait, 0.001))
             else:
+                budget_spent_since = None
                 waiter.wait(wait)
 
     # -- leases and sweeping ---------------------------------------------------------
