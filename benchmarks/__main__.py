@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from . import brokers as brokers_mod, celery_bench, kombu_bench, latency, machine, procs, report
+from . import brokers as brokers_mod
+from . import celery_bench, kombu_bench, latency, machine, procs, report
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results.json'
 
@@ -27,28 +28,40 @@ def _median(runs: list[dict]) -> dict:
     return dict(ranked[(len(ranked) - 1) // 2], round_rates=[r['rate'] for r in runs])
 
 
-def run_main(brokers, opts) -> dict:
+def run_main(brokers, opts) -> tuple[dict, list[str]]:
     runs = {b.name: {'publish': [], 'consume': [], 'celery': []} for b in brokers}
+    errors, failed = [], set()
     # Rounds go across brokers, so a burst of load from elsewhere hits all alike.
     for round_no in range(1, opts['rounds'] + 1):
-        for broker in brokers:
+        for broker in (b for b in brokers if b.name not in failed):
             r = runs[broker.name]
-            n, tasks, queue = broker.counts(opts['messages']), broker.counts(opts['tasks']), 'bench.kombu'
-            _log(f'round {round_no}, {broker.name}: publish, then consume+ack, {n:,} messages')
-            r['publish'].append(kombu_bench.publish(broker, queue, n))
-            r['consume'].append(kombu_bench.consume(broker, queue, n, opts['prefetch']))
-            _log(f'round {round_no}, {broker.name}: celery worker runs {tasks:,} tasks')
-            r['celery'].append(celery_bench.measure(broker, tasks))
+            n, tasks = broker.counts(opts['messages']), broker.counts(opts['tasks'])
+            try:
+                _log(f'round {round_no}, {broker.name}: publish, then consume+ack, {n:,} messages')
+                r['publish'].append(kombu_bench.publish(broker, 'bench.kombu', n))
+                r['consume'].append(kombu_bench.consume(broker, 'bench.kombu', n, opts['prefetch']))
+                _log(f'round {round_no}, {broker.name}: celery worker runs {tasks:,} tasks')
+                r['celery'].append(celery_bench.measure(broker, tasks))
+            except Exception as exc:  # noqa: BLE001  one failing broker must not hide the rest
+                errors.append(f'{broker.name}: {type(exc).__name__}: {exc}')
+                report.console.print(f'[red]{errors[-1]}[/]')
+                failed.add(broker.name)
+                continue
             _log(f'round {round_no}, {broker.name}: ' + ', '.join(
                 f'{k} {v[-1]["rate"]:,.0f}/s' for k, v in r.items()))
-    results = {name: {k: _median(v) for k, v in r.items()} for name, r in runs.items()}
+    results = {name: {k: _median(v) for k, v in r.items() if v} for name, r in runs.items()}
     for broker in brokers:
         _log(f'{broker.name}: idle latency, {opts["samples"]} samples')
-        lat = results[broker.name]['latency'] = latency.measure(
-            broker, opts['samples'], idle_window=opts['idle'])
+        try:
+            lat = results[broker.name]['latency'] = latency.measure(
+                broker, opts['samples'], idle_window=opts['idle'])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f'{broker.name} latency: {type(exc).__name__}: {exc}')
+            report.console.print(f'[red]{errors[-1]}[/]')
+            continue
         _log(f'{broker.name}: p50 {lat["p50_ms"]:.2f} ms, p99 {lat["p99_ms"]:.2f} ms, '
              f'idle CPU {lat["idle_cpu_pct"]:.2f}%')
-    return results
+    return results, errors
 
 
 @click.command()
@@ -66,7 +79,8 @@ def run_main(brokers, opts) -> dict:
 @click.option('--rounds', type=int, default=3, show_default=True,
               help='Throughput rounds per broker; the median is reported.')
 @click.option('--prefetch', type=int, default=100, show_default=True)
-@click.option('--quick', is_flag=True, help='Small counts and one round: a smoke run (main suite: under a minute).')
+@click.option('--quick', is_flag=True, help='Small counts and one round: a smoke run '
+              '(main suite: under a minute); results go to results-quick.json.')
 @click.option('--depths', default='1000,100000,1000000', show_default=True,
               help='scale suite: messages queued before measuring claim+ack.')
 @click.option('--processes', type=int, default=8, show_default=True,
@@ -77,11 +91,13 @@ def run_main(brokers, opts) -> dict:
               help='Transport option for the sqlite broker, e.g. wakeup=\'"poll"\'.')
 @click.option('--markdown', is_flag=True,
               help='Print the results file as Markdown tables and exit (measures nothing).')
-@click.option('--out', type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT,
-              show_default=True, help='Results JSON file.')
+@click.option('--out', type=click.Path(dir_okay=False, path_type=Path),
+              help='Results JSON file  [default: benchmarks/results.json; '
+              'benchmarks/results-quick.json with --quick]')
 def main(names, suite, messages, tasks, samples, rounds, prefetch, quick, depths, processes,
          fill_budget, topts, markdown, out):
     """Measure kombu_sqlite against Redis and kombu's SQLAlchemy transport."""
+    out = out or (DEFAULT_OUT.with_name('results-quick.json') if quick else DEFAULT_OUT)
     if markdown:
         from .markdown import render
         click.echo(render(json.loads(out.read_text())))
@@ -113,14 +129,15 @@ def main(names, suite, messages, tasks, samples, rounds, prefetch, quick, depths
                                       'transport_options': b.transport_options,
                                       'share_of_counts': b.scale} for b in brokers}
         if suite in ('main', 'all'):
-            results = run_main(brokers, opts)
+            results, errors = run_main(brokers, opts)
             ratio = report.ratios(results)
             rows = report.targets(results, ratio)
             report.print_main(results, ratio, rows)
             info['loadavg_at_end'] = os.getloadavg()
             report.save(out, 'main', {'machine': info, 'config': config, 'notes': notes,
-                                      'results': results, 'ratios': ratio, 'targets': rows})
-            failed = any(row['pass'] is False for row in rows)
+                                      'errors': errors, 'results': results, 'ratios': ratio,
+                                      'targets': rows})
+            failed = bool(errors) or any(row['pass'] is False for row in rows)
         if suite in ('scale', 'all'):
             from . import scale
             results = scale.run(brokers, opts, _log)

@@ -22,7 +22,7 @@ class Broker:
     def counts(self, n: int, floor: int = 50) -> int:
         return max(floor, int(n * self.scale))
 
-    def fresh(self, tag: str) -> 'Broker':
+    def fresh(self, tag: str) -> Broker:
         """The same broker on an empty store (new file, or FLUSHDB on Redis)."""
         if self.name == 'sqlite':
             url = f'sqlite:///{self.tmpdir}/{tag}.db'
@@ -50,12 +50,13 @@ def sqlite_available() -> str | None:
     """None when kombu_sqlite works here, else why not."""
     try:
         import kombu
+
         import kombu_sqlite  # noqa: F401  registers sqlite://
         conn = kombu.Connection('sqlite:////tmp/kombu-sqlite-bench-probe.db')
         conn.connect()
         conn.release()
         return None
-    except Exception as exc:  # the transport may still be missing or broken
+    except Exception as exc:  # noqa: BLE001  the transport may be missing or broken
         return f'{type(exc).__name__}: {exc}'
 
 
@@ -75,11 +76,11 @@ class RedisServer:
         binary = shutil.which('redis-server')
         if binary is None:
             raise FileNotFoundError('redis-server is not installed')
-        log = open(self.tmpdir / 'redis.log', 'wb')
-        self.proc = procs.popen(
-            [binary, '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
-             '--appendonly', 'no', '--dir', str(self.tmpdir)],
-            stdout=log, stderr=subprocess.STDOUT)
+        with open(self.tmpdir / 'redis.log', 'wb') as log:  # the child keeps its own copy
+            self.proc = procs.popen(
+                [binary, '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
+                 '--appendonly', 'no', '--dir', str(self.tmpdir)],
+                stdout=log, stderr=subprocess.STDOUT)
         import redis
         client = redis.Redis(port=self.port)
 
@@ -96,9 +97,6 @@ class RedisServer:
     def __exit__(self, *exc):
         procs.stop(self.proc)
 
-    def version(self) -> str:
-        out = subprocess.run(['redis-server', '--version'], capture_output=True, text=True)
-        return out.stdout.split()[2].removeprefix('v=') if out.returncode == 0 else '?'
 
 
 def setup(names, tmpdir: Path, stack, sqlite_options: dict) -> tuple[list[Broker], list[str]]:

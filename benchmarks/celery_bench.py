@@ -24,15 +24,16 @@ def _count(path: Path) -> int:
 
 
 def start_worker(broker, counter: Path, log: Path):
+    path = [str(ROOT), os.environ.get('PYTHONPATH')]
     env = dict(os.environ, BENCH_BROKER_URL=broker.url, BENCH_COUNTER=str(counter),
                BENCH_TRANSPORT_OPTIONS=json.dumps(broker.transport_options),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
+               PYTHONPATH=os.pathsep.join(filter(None, path)))
     cmd = [sys.executable, '-m', 'celery', '-A', 'benchmarks.celery_app', 'worker',
            '-P', POOL, '-c', str(CONCURRENCY), '-Q', QUEUE, '-l', os.environ.get('BENCH_WORKER_LOGLEVEL', 'INFO'),
            '--without-gossip', '--without-mingle', '--without-heartbeat',
            '-n', f'bench-{broker.name}@%h']
-    out = open(log, 'wb')
-    proc = procs.popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, 'wb') as out:  # the child keeps its own copy
+        proc = procs.popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def ready():
         if proc.poll() is not None:

@@ -1,7 +1,6 @@
 """kombu-level throughput: Producer.publish, and Consumer + ack."""
 from __future__ import annotations
 
-import socket
 import time
 
 from kombu import Consumer, Exchange, Producer, Queue
@@ -50,7 +49,7 @@ def consume(broker, queue_name: str, n: int, prefetch: int = 100,
             while seen < n:
                 try:
                     conn.drain_events(timeout=idle_timeout)
-                except socket.timeout:
+                except TimeoutError:
                     raise RuntimeError(f'{broker.name}: only {seen} of {n} messages '
                                        f'arrived ({idle_timeout:.0f} s idle)') from None
             elapsed = time.perf_counter() - started

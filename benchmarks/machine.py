@@ -29,7 +29,8 @@ def _ram_gib() -> float:
 
 def _redis_version() -> str | None:
     try:
-        out = subprocess.run(['redis-server', '--version'], capture_output=True, text=True)
+        out = subprocess.run(['redis-server', '--version'], capture_output=True, text=True,
+                             check=False)
     except FileNotFoundError:
         return None
     return next((w[2:] for w in out.stdout.split() if w.startswith('v=')), None)

@@ -36,18 +36,19 @@ def main_suite(data: dict) -> list[str]:
     rows = []
     for broker, r in res.items():
         lat = r.get('latency', {})
-        rows.append([broker, *[_n(r[m]['rate']) for m, _ in THROUGHPUT],
+        rows.append([broker, *[_n(r.get(m, {}).get('rate')) for m, _ in THROUGHPUT],
                      _n(lat.get('p50_ms'), 2), _n(lat.get('p99_ms'), 2),
                      _n(lat.get('idle_cpu_pct'), 2)])
     out = _table(['broker', *[label for _, label in THROUGHPUT], 'wake-up p50 ms',
                   'wake-up p99 ms', 'idle CPU % of a core'], rows)
     out += ['', 'Every round (the table shows the median):', '']
     out += _table(['broker', *[label for _, label in THROUGHPUT]], [
-        [broker, *[' / '.join(_n(x) for x in r[m]['round_rates']) for m, _ in THROUGHPUT]]
+        [broker, *[' / '.join(_n(x) for x in r.get(m, {}).get('round_rates', []))
+                   for m, _ in THROUGHPUT]]
         for broker, r in res.items()])
     out += ['']
     out += _table(['ratio', 'value'], [[k, f'{v:.2f}x'] for k, v in data['ratios'].items()])
-    out += ['']
+    out += ['', *(f'- error: {e}' for e in data.get('errors', [])), '']
     verdict = {True: 'PASS', False: '**FAIL**', None: 'not measured'}
     out += _table(['target', 'measured', 'result'], [
         [t['target'], _n(t['value'], 2), verdict[t['pass']]] for t in data['targets']])
@@ -58,7 +59,8 @@ def scale_suite(data: dict) -> list[str]:
     res = data['results']
     out = _table(['broker', 'queued', 'fill msg/s', 'fill s', 'claim+ack msg/s',
                   'messages claimed', 'note'], [
-        [b, _n(d['queued']), _n(d['fill_rate']), _n(d['fill_seconds'], 1), _n(d.get('rate')),
+        [b, _n(d['queued']), _n(d['fill_rate']),
+         '-' if 'note' in d else _n(d['fill_seconds'], 1), _n(d.get('rate')),
          _n(d.get('messages')), d.get('note', '')]
         for b, r in res.items() for d in r['depth']])
     out += ['']

@@ -92,7 +92,8 @@ def print_scale(scale: dict) -> None:
     for broker, r in scale.items():
         for row in r.get('depth', []):
             table.add_row(broker, _fmt(row['queued']), _fmt(row.get('fill_rate')),
-                          _fmt(row.get('fill_seconds'), 1), _fmt(row.get('rate')),
+                          '-' if 'note' in row else _fmt(row.get('fill_seconds'), 1),
+                          _fmt(row.get('rate')),
                           row.get('note', ''))
     console.print(table)
     table = Table(title='Several processes consuming one queue')

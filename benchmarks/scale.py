@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue as queue_mod
-import socket
 import time
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def _drop(broker) -> None:
 
 def depth_suite(broker, opts, log) -> list[dict]:
     rows = []
-    budget = opts['fill_budget'] * (broker.scale if broker.scale < 1 else 1)
+    budget = opts['fill_budget'] * (min(1, broker.scale))
     for depth in opts['depths']:
         b = broker.fresh(f'depth-{depth}')
         log(f'{broker.name}: fill {depth:,} messages')
@@ -98,7 +97,7 @@ def _consumer(broker, prefetch, ready, go, results) -> None:
             while True:
                 try:
                     conn.drain_events(timeout=2.0)  # 2 s without a message: queue empty
-                except socket.timeout:
+                except TimeoutError:
                     break
                 except Exception as exc:
                     if 'database is locked' not in str(exc) or locked > 1000:
