@@ -5,6 +5,7 @@ import os
 import platform
 import sqlite3
 import subprocess
+from pathlib import Path
 
 
 def _cpu_model() -> str:
@@ -44,6 +45,19 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _revision() -> str | None:
+    """The commit measured, marked when kombu_sqlite/ differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--', 'kombu_sqlite'], cwd=root,
+                               check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + (' (kombu_sqlite/ modified)' if dirty else '')
+
+
 def describe() -> dict:
     import celery
     import kombu
@@ -54,5 +68,5 @@ def describe() -> dict:
         'kombu': kombu.__version__, 'celery': celery.__version__,
         'sqlalchemy': sqlalchemy.__version__, 'sqlite': sqlite3.sqlite_version,
         'redis_py': _version('redis'), 'hiredis': _version('hiredis'),
-        'redis_server': _redis_version(),
+        'redis_server': _redis_version(), 'revision': _revision(),
     }

@@ -26,6 +26,7 @@ def machine(info: dict) -> list[str]:
         ['redis-server / redis-py / hiredis',
          f'{info["redis_server"]} / {info["redis_py"]} / {info["hiredis"] or "not installed"}'],
         ['SQLAlchemy', info['sqlalchemy']],
+        ['project revision', info.get('revision') or '-'],
         ['load average (1 min) at start / end', ' / '.join(
             _n((info.get(k) or [None])[0], 2) for k in ('loadavg_at_start', 'loadavg_at_end'))],
     ])
