@@ -14,10 +14,11 @@ from kombu.utils.json import loads
 from . import schema
 from .catalog import default_weight, priority_weights
 from .db import retry_busy
-from .store import Store
+from .store import BUCKET_SECONDS, Store
 
-_COUNTERS = ('published', 'acked', 'lease_expired', 'delayed_due', 'dead_lettered',
-             'expired', 'rejected_publish', 'dropped')
+_COUNTERS = ('published', 'acked', 'requeued', 'lease_expired', 'delayed_due',
+             'dead_lettered', 'expired', 'rejected_publish', 'dropped')
+_RECENT = ('published', 'acked')
 
 
 class Broker:
@@ -27,9 +28,8 @@ class Broker:
 
     def __init__(self, url: str, *, create: bool = True, **options):
         path = schema.path_from_url(url) if '://' in url else url
-        if not create:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f'no queue database at {path!r}')
+        if not create and not os.path.isfile(path):
+            raise FileNotFoundError(f'no queue database at {path!r}')
         self.url = url
         self.store = Store(path, **options)
 
@@ -62,7 +62,8 @@ class Broker:
         conn = self.store.conn
         out = {q: {'ready': 0, 'ready_by_priority': {}, 'delayed': 0, 'leased': 0,
                    'leased_by': {}, 'dead': 0, 'oldest_ready_age': None,
-                   'counters': dict.fromkeys(_COUNTERS, 0)}
+                   'counters': dict.fromkeys(_COUNTERS, 0),
+                   'last_minute': dict.fromkeys(_RECENT, 0)}
                for q in self.queues()}
         conn.execute('BEGIN')  # one snapshot for every figure
         try:
@@ -89,6 +90,12 @@ class Broker:
                     'SELECT queue, name, value FROM kombu_counter'):
                 if queue in out:
                     out[queue]['counters'][name] = value
+            for queue, name, value in conn.execute(
+                    'SELECT queue, name, sum(value) FROM kombu_counter_recent '
+                    'WHERE bucket >= ? GROUP BY queue, name',
+                    (int((now - 60) // BUCKET_SECONDS) + 1,)):
+                if queue in out and name in _RECENT:
+                    out[queue]['last_minute'][name] = value
         finally:
             conn.execute('COMMIT')
         return out

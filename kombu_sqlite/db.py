@@ -33,10 +33,19 @@ def retry_busy(method):
             try:
                 return method(self, *args, **kwargs)
             except sqlite3.OperationalError as exc:
+                if 'full' in str(exc):
+                    raise DatabaseError(
+                        f'the queue database {_path_of(self)!r} is full (no space left on the '
+                        f'disk, or max_page_count reached): {exc}; nothing was written, '
+                        f'messages already queued are kept') from exc
                 if not is_busy(exc) or attempt == self.busy_retries - 1:
                     raise
                 time.sleep(min(0.05 * 2 ** attempt, 1.0) * random.random())
     return wrapper
+
+
+def _path_of(obj) -> str:
+    return getattr(obj, 'path', None) or obj.store.path
 
 
 def topic_match(binding_key: str, routing_key: str) -> bool:
@@ -66,7 +75,7 @@ class Database:
     busy_retries = 8
 
     def __init__(self, path: str, busy_timeout: float = 30.0,
-                 synchronous: str = 'NORMAL'):
+                 synchronous: str = 'NORMAL', max_page_count: int | None = None):
         if str(synchronous).upper() not in ('OFF', 'NORMAL', 'FULL', 'EXTRA'):
             raise ValueError(
                 f'transport option synchronous={synchronous!r}: expected '
@@ -74,6 +83,7 @@ class Database:
         self.path = path
         self.busy_timeout = float(busy_timeout)
         self.synchronous = str(synchronous).upper()
+        self.max_page_count = max_page_count
         self._local = threading.local()
         self._lock = threading.Lock()
         self._schema_pid = None
@@ -96,7 +106,8 @@ class Database:
         return local.conn
 
     def _open(self) -> sqlite3.Connection:
-        conn = schema.connect(self.path, self.busy_timeout, self.synchronous)
+        conn = schema.connect(self.path, self.busy_timeout, self.synchronous,
+                              self.max_page_count)
         conn.create_function('topic_match', 2, topic_match, deterministic=True)
         if self._schema_pid != os.getpid():
             try:

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from .errors import DatabaseError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Statements that build schema version 1 from an empty file.
 SCHEMA_V1 = (
@@ -130,8 +130,21 @@ SCHEMA_V2 = (
     """,
 )
 
+#: Version 3: counters in 10-second buckets, for "in the last minute" figures.
+SCHEMA_V3 = (
+    """
+    CREATE TABLE kombu_counter_recent (
+        bucket INTEGER NOT NULL,
+        queue  TEXT    NOT NULL,
+        name   TEXT    NOT NULL,
+        value  INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (bucket, queue, name)
+    ) WITHOUT ROWID
+    """,
+)
+
 #: version -> statements that take a file from version-1 to version.
-MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2}
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
 
 
 def path_from_url(url: str) -> str:
@@ -174,18 +187,25 @@ def prepare_directory(path: str) -> None:
         raise DatabaseError(f'the queue database {path!r} is not writable')
 
 
-def connect(path: str, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
+def connect(path: str, busy_timeout: float, synchronous: str,
+            max_page_count: int | None = None) -> sqlite3.Connection:
     """Open one connection (one per thread) in autocommit mode with our PRAGMAs."""
     # Files are created owner-only: the queue holds people's prompts.
     old_umask = os.umask(0o077)
     try:
+        new_file = not os.path.exists(path) or os.path.getsize(path) == 0
         conn = sqlite3.connect(
             path, timeout=busy_timeout, isolation_level=None,
             check_same_thread=False)
         try:
+            if new_file:
+                # Lets `kombu-sqlite maintain` give free pages back to the disk.
+                conn.execute('PRAGMA auto_vacuum=INCREMENTAL')
             conn.execute('PRAGMA journal_mode=WAL').fetchone()
         except sqlite3.DatabaseError as exc:
             conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and 'locked' in str(exc):
+                raise  # busy, not broken: the caller retries
             raise DatabaseError(
                 f'{path!r} is not a usable SQLite database: {exc}') from exc
     finally:
@@ -193,6 +213,8 @@ def connect(path: str, busy_timeout: float, synchronous: str) -> sqlite3.Connect
     conn.execute(f'PRAGMA synchronous={synchronous}')
     conn.execute(f'PRAGMA busy_timeout={int(busy_timeout * 1000)}')
     conn.execute('PRAGMA foreign_keys=OFF')
+    if max_page_count:
+        conn.execute(f'PRAGMA max_page_count={int(max_page_count)}')
     return conn
 
 

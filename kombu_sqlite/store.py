@@ -115,7 +115,7 @@ ACK = """DELETE FROM kombu_message
           WHERE id = ? AND (lease_owner = ? OR lease_owner IS NULL)"""
 
 RELEASE = """UPDATE kombu_message SET lease_expires_at = NULL, lease_owner = NULL
-              WHERE id = ? AND lease_owner = ?"""
+              WHERE id = ? AND lease_owner = ? RETURNING queue"""
 
 RENEW = 'UPDATE kombu_message SET lease_expires_at = ? WHERE lease_owner = ?'
 
@@ -130,6 +130,13 @@ EXPIRE_MESSAGES = """DELETE FROM kombu_message
 BUMP_COUNTER = """
     INSERT INTO kombu_counter (queue, name, value) VALUES (?, ?, ?)
     ON CONFLICT (queue, name) DO UPDATE SET value = value + excluded.value
+"""
+
+#: The same counts in 10-second buckets, kept for an hour.
+BUCKET_SECONDS = 10
+BUMP_RECENT = """
+    INSERT INTO kombu_counter_recent (bucket, queue, name, value) VALUES (?, ?, ?, ?)
+    ON CONFLICT (bucket, queue, name) DO UPDATE SET value = value + excluded.value
 """
 
 COUNT_READY = """SELECT count(*) FROM (SELECT 1 FROM kombu_message
@@ -193,17 +200,14 @@ class Store(Catalog):
         match = ROUTING_RULES[type]
         args = dict(params, exchange=exchange, routing_key=routing_key or '')
         if not self.conn.execute(ROUTED_POLICIES.format(match=match), args).fetchone():
-            queues = None
-            n = self.conn.execute(PUBLISH_ROUTED.format(match=match), args).rowcount
+            queues = [r[0] for r in self.conn.execute(
+                PUBLISH_ROUTED.format(match=match) + ' RETURNING queue', args)]
         else:
             queues = [r[0] for r in self.conn.execute(ROUTED_QUEUES.format(match=match), args)]
-            n = self._publish_with_policies(queues, params)
-        if n:
-            if queues is None and n == 1 and type == 'direct':
-                queues = [routing_key]  # the common case, without another query
-            for q in queues or [f'exchange:{exchange}']:
-                self.counters[q, 'published'] += 1 if queues else n
-        return n
+            self._publish_with_policies(queues, params)
+        for queue in queues:
+            self.counters[queue, 'published'] += 1
+        return len(queues)
 
     def _publish_with_policies(self, queues, params) -> int:
         """Insert copies one by one, applying x-max-length and fair tags."""
@@ -355,7 +359,10 @@ class Store(Catalog):
     def release(self, message_ids, owner: str) -> int:
         """Make leased messages deliverable again at once (requeue)."""
         with self.transaction() as conn:
-            return sum(conn.execute(RELEASE, (i, owner)).rowcount for i in message_ids)
+            queues = [row[0] for i in message_ids for row in conn.execute(RELEASE, (i, owner))]
+        for queue in queues:
+            self.counters[queue, 'requeued'] += 1
+        return len(queues)
 
     @retry_busy
     def reject(self, message_id: int, queue: str | None = None) -> None:
@@ -381,6 +388,8 @@ class Store(Catalog):
             counts[queue, 'expired'] += 1
         queues = self.sweep_expired_queues(now)
         self.bump(counts)
+        self.conn.execute('DELETE FROM kombu_counter_recent WHERE bucket < ?',
+                          (int((now - 3600) // BUCKET_SECONDS),))
         return {'leases_expired': sum(n for (_, k), n in counts.items() if k == 'lease_expired'),
                 'messages_expired': sum(n for (_, k), n in counts.items() if k == 'expired'),
                 'queues_expired': queues}
@@ -390,7 +399,10 @@ class Store(Catalog):
         """Add to the persistent counters: {(queue, name): n}."""
         rows = [(q, name, n) for (q, name), n in counts.items() if n]
         if rows:
-            self.conn.executemany(BUMP_COUNTER, rows)
+            bucket = int(time.time() // BUCKET_SECONDS)
+            with self.transaction() as conn:
+                conn.executemany(BUMP_COUNTER, rows)
+                conn.executemany(BUMP_RECENT, [(bucket, *row) for row in rows])
 
     def flush_counters(self) -> None:
         """Write the in-memory hot-path counts (published, acked) to the file."""

@@ -141,6 +141,9 @@ Transport options
   waits for room (default ``10``).
 * ``busy_timeout``: seconds a statement waits for another writer before
   retrying (default ``30``).
+* ``max_page_count``: cap the file at this many pages (of 4 KiB), for a
+  queue that must not fill the disk; publishing past it fails with a clear
+  error and nothing already queued is lost (default: no cap).
 * ``synchronous``: ``'NORMAL'`` (survives process crashes; the last commits
   may roll back on power loss) or ``'FULL'`` (survives power loss, slower)
   (default ``'NORMAL'``).
@@ -501,7 +504,8 @@ class Transport(virtual.Transport):
                 max_deliveries=_option(options, 'max_deliveries', 20, int),
                 max_length_block_timeout=_option(options, 'max_length_block_timeout', 10.0),
                 busy_timeout=_option(options, 'busy_timeout', 30.0),
-                synchronous=options.get('synchronous', 'NORMAL'))
+                synchronous=options.get('synchronous', 'NORMAL'),
+                max_page_count=options.get('max_page_count'))
         return self._store
 
     @property
