@@ -171,6 +171,9 @@ class Catalog(Database):
             'ON CONFLICT (name) DO UPDATE SET type = excluded.type',
             (name, type, json.dumps(arguments or {}, default=str)))
 
+    def exchange_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute('SELECT name FROM kombu_exchange ORDER BY name')]
+
     def exchange_type(self, name: str) -> str | None:
         row = self.conn.execute(
             'SELECT type FROM kombu_exchange WHERE name = ?', (name,)).fetchone()

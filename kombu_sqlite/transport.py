@@ -301,7 +301,7 @@ class Channel(virtual.Channel):
         return iter(self.store.bindings())
 
     def get_exchanges(self):
-        return [r[0] for r in self.store.conn.execute('SELECT name FROM kombu_exchange')]
+        return self.store.exchange_names()
 
     # -- publishing ------------------------------------------------------------
 
