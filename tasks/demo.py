@@ -242,7 +242,16 @@ class Demo:
             self.watch.poll()
         rows = [r.as_dict() for r in ledger.rows(self.cfg.ledger_url)]
         with Broker(self.cfg.broker_url) as broker:
-            broker_stats = broker.stats()
+            # A worker acks after the ledger records success (acks late), and
+            # Celery before 5.7 applies acks on its next loop turn: allow for it.
+            settle_by = time.monotonic() + 10
+            while True:
+                broker_stats = broker.stats()
+                held = sum(broker_stats.get(m.queue, {}).get('leased', 0)
+                           for m in self.cfg.models.values())
+                if not held or time.monotonic() > settle_by:
+                    break
+                time.sleep(0.2)
         data = demo_report.build(self.cfg, rows, self.replay, self.sizing,
                                  self.sampler.samples, broker_stats, end)
         data['flower'] = {'url': self.flower_url, 'user': FLOWER_USER,
