@@ -30,7 +30,9 @@ def consume(conn, log_path):
         log.write(f"{body['n']}\n")
         message.ack()
 
-    with Consumer(conn, [QUEUE], callbacks=[handle], prefetch_count=10):
+    # Prefetch 1: a consumer killed by poison holds no innocent messages, so only
+    # the planted poison can reach max_deliveries however often consumers die.
+    with Consumer(conn, [QUEUE], callbacks=[handle], prefetch_count=1):
         while True:
             conn.drain_events()
 
