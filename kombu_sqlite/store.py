@@ -114,6 +114,12 @@ DEAD_LETTER = """
 ACK = """DELETE FROM kombu_message
           WHERE id = ? AND (lease_owner = ? OR lease_owner IS NULL)"""
 
+#: Acks held back by a consumer, settled together (a JSON array of ids).
+ACK_MANY = """DELETE FROM kombu_message
+               WHERE id IN (SELECT value FROM json_each(:ids))
+                 AND (lease_owner = :owner OR lease_owner IS NULL)
+              RETURNING queue"""
+
 RELEASE = """UPDATE kombu_message SET lease_expires_at = NULL, lease_owner = NULL
               WHERE id = ? AND lease_owner = ? RETURNING queue"""
 
@@ -267,11 +273,16 @@ class Store(Catalog):
 
     @retry_busy
     def claim(self, queue: str, owner: str, limit: int, lease_until: float,
-              no_ack: bool = False) -> list[tuple[int, int, int, dict]]:
-        """Claim up to ``limit`` messages: [(id, priority, delivery_count, message)]."""
+              no_ack: bool = False, acks=()) -> list[tuple[int, int, int, dict]]:
+        """Claim up to ``limit`` messages: [(id, priority, delivery_count, message)].
+
+        ``acks``, ids this owner acked since its last claim, are deleted in
+        the same transaction: one write lock for a whole prefetch window.
+        """
         now = time.time()
         statement = (TAKE if no_ack else CLAIM)
         with self.transaction() as conn:
+            acked = self._ack_many(conn, acks, owner)
             scheduling, _, _, arguments = self.queue_policy(queue)
             params = {'queue': queue, 'owner': owner, 'lease_until': lease_until}
             if scheduling == 'weighted-random':
@@ -288,6 +299,7 @@ class Store(Catalog):
                                         dict(params, limit=limit))
             if scheduling == 'fair' and rows:
                 self._advance_fair_clock(conn, queue, rows)
+        self.counters.update(acked)
         if scheduling == 'lifo':
             rows.sort(key=lambda r: (-r[4], -r[0]))
         elif scheduling != 'weighted-random':
@@ -354,6 +366,20 @@ class Store(Catalog):
         if done and queue:
             self.counters[queue, 'acked'] += 1
         return done
+
+    @retry_busy
+    def ack_many(self, message_ids, owner: str) -> int:
+        """Settle acks held back by a consumer (see ``claim``)."""
+        with self.transaction() as conn:
+            acked = self._ack_many(conn, message_ids, owner)
+        self.counters.update(acked)
+        return sum(acked.values())
+
+    def _ack_many(self, conn, message_ids, owner) -> Counter:
+        if not message_ids:
+            return Counter()
+        rows = conn.execute(ACK_MANY, {'ids': dumps(list(message_ids)), 'owner': owner})
+        return Counter((queue, 'acked') for (queue,) in rows)
 
     @retry_busy
     def release(self, message_ids, owner: str) -> int:

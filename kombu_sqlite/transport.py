@@ -19,7 +19,11 @@ Leases (visibility timeout)
 A delivery claims its rows in one write transaction
 (``BEGIN IMMEDIATE; UPDATE ... WHERE id IN (SELECT ... ORDER BY priority, id
 LIMIT n) RETURNING ...``) and stamps ``lease_expires_at = now +
-visibility_timeout``.  Ack deletes the row.  Reject with requeue, recover, and
+visibility_timeout``.  Ack deletes the row; a channel with consumers deletes
+its acked rows in the transaction of its next claim (at once in its drain
+loop, within ``housekeeping_interval`` otherwise), so a prefetch window costs
+one write lock, and a consumer killed before that gets those messages
+delivered again, never lost.  Reject with requeue, recover, and
 a channel closed with unacked messages clear the lease at once; reject without
 requeue deletes the row.  While its holder lives a background thread renews
 its leases, so a long task is never delivered twice; when the holder dies
@@ -218,6 +222,8 @@ class Channel(virtual.Channel):
         self._pid = os.getpid()
         self._noack_queues = set()
         self._auto_delete_queues = set()
+        self._held_acks = []  # acked ids not yet deleted; see basic_ack
+        self._held_acks_lock = threading.Lock()
 
     @property
     def store(self) -> Store:
@@ -377,8 +383,13 @@ class Channel(virtual.Channel):
 
     def _claim(self, queue, limit, no_ack=False):
         now = time.time()
-        rows = self.store.claim(queue, self.connection.owner, limit,
-                                now + self.visibility_timeout, no_ack=no_ack)
+        acks = self._take_held_acks()
+        try:
+            rows = self.store.claim(queue, self.connection.owner, limit,
+                                    now + self.visibility_timeout, no_ack=no_ack, acks=acks)
+        except BaseException:
+            self._hold_acks(acks)
+            raise
         messages = []
         for message_id, priority, delivery_count, payload in rows:
             props = payload['properties']
@@ -421,8 +432,43 @@ class Channel(virtual.Channel):
     def basic_ack(self, delivery_tag, multiple=False):
         if multiple:
             raise NotImplementedError('multiple acks are not supported')
-        self.store.ack(delivery_tag, self.connection.owner, self._queue_of(delivery_tag))
+        if self._consumers:
+            # A consumer's drain loop claims again at once: the row is deleted
+            # in that claim's transaction, so a window of messages costs one
+            # write lock instead of one per message.  Until then the row stays
+            # leased to us; the housekeeper settles acks that wait longer.
+            self._hold_acks([delivery_tag])
+        else:
+            self.store.ack(delivery_tag, self.connection.owner, self._queue_of(delivery_tag))
         super().basic_ack(delivery_tag)
+
+    def _hold_acks(self, tags):
+        with self._held_acks_lock:
+            self._held_acks[:0] = tags
+
+    def _take_held_acks(self):
+        with self._held_acks_lock:
+            tags, self._held_acks = self._held_acks, []
+        return tags
+
+    def settle_held_acks(self):
+        """Delete the rows of messages acked since the last claim."""
+        if not self._held_acks or os.getpid() != self._pid:
+            return
+        tags = self._take_held_acks()
+        try:
+            self.store.ack_many(tags, self.connection.owner)
+        except BaseException:
+            self._hold_acks(tags)
+            raise
+
+    def close(self):
+        if not self.closed:
+            try:
+                self.settle_held_acks()
+            except Exception as exc:  # the leases run out: delivered again, not lost
+                logger.warning('kombu-sqlite could not settle acks at close: %s', exc)
+        super().close()
 
     def _queue_of(self, delivery_tag):
         message = self.qos._delivered.get(delivery_tag)
@@ -601,6 +647,8 @@ class Transport(virtual.Transport):
                 if now >= next_renewal:
                     self.store.renew(self.owner, now + self.visibility_timeout)
                     next_renewal = now + self.lease_renew_interval
+                for channel in list(self.channels):
+                    channel.settle_held_acks()
                 # Queues being consumed are in use: postpone their x-expires.
                 self.store.touch_queues(list(self._callbacks))
                 self.store.sweep(now)
