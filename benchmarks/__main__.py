@@ -141,10 +141,13 @@ def main(names, suite, messages, tasks, samples, rounds, prefetch, quick, depths
         if suite in ('scale', 'all'):
             from . import scale
             results = scale.run(brokers, opts, _log)
+            rows = report.scale_targets(results)
             report.print_scale(results)
+            report.print_targets(rows, 'Targets of the scale suite')
             info['loadavg_at_end'] = os.getloadavg()
             report.save(out, 'scale', {'machine': info, 'config': config, 'notes': notes,
-                                       'results': results})
+                                       'results': results, 'targets': rows})
+            failed = failed or any(row['pass'] is False for row in rows)
     report.console.print(f'results written to {out}')
     sys.exit(1 if failed else 0)
 

@@ -50,10 +50,7 @@ def main_suite(data: dict) -> list[str]:
     out += ['']
     out += _table(['ratio', 'value'], [[k, f'{v:.2f}x'] for k, v in data['ratios'].items()])
     out += ['', *(f'- error: {e}' for e in data.get('errors', [])), '']
-    verdict = {True: 'PASS', False: '**FAIL**', None: 'not measured'}
-    out += _table(['target', 'measured', 'result'], [
-        [t['target'], _n(t['value'], 2), verdict[t['pass']]] for t in data['targets']])
-    return out
+    return out + _targets(data['targets'])
 
 
 def scale_suite(data: dict) -> list[str]:
@@ -71,7 +68,14 @@ def scale_suite(data: dict) -> list[str]:
          p['locked_errors'], p['duplicates'], p['missing'],
          ' '.join(str(x) for x in p['per_process'])]
         for b, r in res.items() for p in r['processes']])
-    return out
+    return out + ['', *_targets(data.get('targets', []))]
+
+
+def _targets(rows) -> list[str]:
+    verdict = {True: 'PASS', False: '**FAIL**', None: 'not measured'}
+    return _table(['target', 'measured', 'result'],
+                  [[t['target'], '-' if t['value'] is None else f'{t["value"]:,}',
+                    verdict[t['pass']]] for t in rows])
 
 
 def render(data: dict) -> str:

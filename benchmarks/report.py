@@ -76,13 +76,48 @@ def print_main(results: dict, ratio: dict, rows: list[dict]) -> None:
         for name, value in ratio.items():
             ratio_table.add_row(name, f'{value:.2f}x')
         console.print(ratio_table)
-    verdicts = Table(title='Targets')
+    print_targets(rows)
+
+
+def print_targets(rows: list[dict], title: str = 'Targets') -> None:
+    verdicts = Table(title=title)
     for column in ('target', 'measured', 'result'):
         verdicts.add_column(column)
     for row in rows:
         verdict = {True: '[green]PASS[/]', False: '[red]FAIL[/]', None: 'n/a'}[row['pass']]
-        verdicts.add_row(row['target'], _fmt(row['value'], 2), verdict)
+        value = row['value']
+        verdicts.add_row(row['target'], str(value) if isinstance(value, int)
+                         else _fmt(value, 2), verdict)
     console.print(verdicts)
+
+
+#: A claim is one walk from the head of the queue: depth must barely matter.
+DEPTH_TOLERANCE = 0.25
+
+
+def scale_targets(scale: dict) -> list[dict]:
+    """The scale suite's targets, for kombu-sqlite."""
+    mine = scale.get('sqlite') or {}
+    rates = {d['queued']: d.get('rate') for d in mine.get('depth', [])}
+    shallow, deep = rates.get(min(rates, default=None)), rates.get(max(rates, default=None))
+    change = deep / shallow - 1 if shallow and deep and len(rates) > 1 else None
+    rows = [{'target': f'claim+ack at {max(rates, default=0):,} queued within '
+                       f'{DEPTH_TOLERANCE:.0%} of {min(rates, default=0):,} queued (change)',
+             'value': None if change is None else round(change, 3),
+             'pass': None if change is None else change >= -DEPTH_TOLERANCE}]
+    many = [p for p in mine.get('processes', []) if p['processes'] > 1]
+    for p in many:
+        n = p['processes']
+        rows += [
+            {'target': f'{n} processes on one file: aggregate >= 1 process (ratio)',
+             'value': round(p['vs_single'], 2), 'pass': p['vs_single'] >= 1.0},
+            {'target': f'{n} processes: "database is locked" surfaced',
+             'value': p['locked_errors'], 'pass': p['locked_errors'] == 0},
+            {'target': f'{n} processes: messages lost or delivered twice',
+             'value': p['missing'] + p['duplicates'],
+             'pass': p['missing'] + p['duplicates'] == 0},
+        ]
+    return rows
 
 
 def print_scale(scale: dict) -> None:

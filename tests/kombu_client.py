@@ -1,6 +1,7 @@
 """A kombu client run as a separate process by the transport tests.
 
-    python kombu_client.py URL consume QUEUE EXCHANGE TYPE KEY --count N [--hold S] [--no-ack-at-all]
+    python kombu_client.py URL consume QUEUE EXCHANGE TYPE KEY --count N [--hold S]
+        [--never-ack] [--linger S] [--quiet-housekeeper]
     python kombu_client.py URL publish EXCHANGE KEY BODY
 Prints one JSON line per message received, flushed at once.
 """
@@ -22,8 +23,14 @@ def main():
     p.add_argument('--hold', type=float, default=0.0)
     p.add_argument('--visibility-timeout', type=float, default=60.0)
     p.add_argument('--never-ack', action='store_true')
+    p.add_argument('--linger', type=float, default=0.0,
+                   help='stay connected this long after the last message')
+    p.add_argument('--quiet-housekeeper', action='store_true',
+                   help='no lease renewal or ack settling in the background')
     a = p.parse_args()
     options = {'visibility_timeout': a.visibility_timeout}
+    if a.quiet_housekeeper:
+        options.update(housekeeping_interval=3600, lease_renew_interval=3600)
     with Connection(a.url, transport_options=options) as conn:
         if a.mode == 'publish':
             exchange, key, body = a.args
@@ -49,6 +56,7 @@ def main():
                 conn.drain_events(timeout=60)
         if a.never_ack:
             time.sleep(3600)  # hold the leases until killed
+        time.sleep(a.linger)
 
 
 if __name__ == '__main__':

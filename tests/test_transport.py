@@ -106,6 +106,44 @@ def test_no_ack_consumer_takes_messages_for_good(db_url):
         assert conn.default_channel.basic_get('q') is None
 
 
+def test_consumer_acks_reach_the_file_without_another_delivery(db_url):
+    """A consumer's acks are settled in batches; an operator still sees them land."""
+    options = {'housekeeping_interval': 0.2}
+    with Connection(db_url) as conn:
+        for i in range(30):
+            publish(conn, i)
+    with Connection(db_url, transport_options=options) as conn:
+        got = []
+        consumer = Consumer(conn, [Queue('q')], prefetch_count=10,
+                            callbacks=[lambda body, m: (got.append(body), m.ack())])
+        with consumer:
+            while len(got) < 30:
+                conn.drain_events(timeout=5)
+            # The consumer stops draining but stays open: its last acks still land.
+            queue = wait_for(lambda: (lambda q: q if q['leased'] == 0 else None)(
+                kombu_sqlite.Broker(db_url).stats()['q']), 5, what='the last acks to land')
+            assert queue['ready'] == 0
+    assert got == list(range(30))
+    assert kombu_sqlite.Broker(db_url).stats()['q']['counters']['acked'] == 30
+
+
+def test_consumer_killed_before_its_acks_land_gets_them_again(db_url, procs):
+    """An ack not yet written is like one in flight: delivered again, never lost."""
+    with Connection(db_url) as conn:
+        publish(conn, 'job')
+    holder = client(procs, db_url, 'consume', 'q', '', 'direct', 'q', '--visibility-timeout',
+                    '2', '--quiet-housekeeper', '--linger', '3600')
+    wait_for(lambda: any('body' in m for m in client_lines(procs, holder)), 30,
+             what='the holder to receive and ack the message')
+    time.sleep(0.3)
+    procs.kill(holder)
+    with Connection(db_url) as conn:
+        message = wait_for(lambda: conn.default_channel.basic_get('q'), 10, what='redelivery')
+        assert message.payload == 'job' and message.delivery_info['redelivered'] is True
+        message.ack()
+        assert conn.default_channel.basic_get('q') is None
+
+
 # -- leases ------------------------------------------------------------------------
 
 def test_killed_consumer_lease_expires_and_message_is_redelivered(db_url, procs):
