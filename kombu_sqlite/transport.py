@@ -136,7 +136,8 @@ Transport options
   caller, which may hold the acks (Celery before 5.7 applies them between
   calls) (default ``0.005``).
 * ``housekeeping_interval``: seconds between sweeps of expired leases,
-  messages and queues (default ``1.0``).
+  messages and queues; also the longest an idle consumer's acks wait to be
+  written (default ``1.0``).
 * ``max_deliveries``: deliveries without an ack before a message is
   dead-lettered (default ``20``).
 * ``native_delayed_delivery``: hold Celery messages with a future ``eta`` in
@@ -170,7 +171,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.scheduling import FairCycle
 
 from . import schema
-from .errors import QueueFull
+from .housekeeper import Housekeeper
 from .store import ROUTING_RULES, Store
 from .wakeup import Waiter
 
@@ -533,7 +534,6 @@ class Transport(virtual.Transport):
         self._waiter = None
         self._owner = None
         self._housekeeper = None
-        self._stop = threading.Event()
 
     # -- the database ------------------------------------------------------------
 
@@ -564,15 +564,13 @@ class Transport(virtual.Transport):
 
     def establish_connection(self):
         self.store  # validate the URL and the file before anything else
-        self._start_housekeeper()
+        if self._housekeeper is None or self._housekeeper.pid != os.getpid():
+            self._housekeeper = Housekeeper(self).start()
         return super().establish_connection()
 
     def close_connection(self, connection):
-        self._stop.set()
-        if self._housekeeper is not None and self._housekeeper[0] == os.getpid():
-            # Its connection is closed below: it must not be mid-statement.
-            if self._housekeeper[1] is not threading.current_thread():
-                self._housekeeper[1].join(timeout=self.store.busy_timeout + 5)
+        if self._housekeeper is not None and self._housekeeper.pid == os.getpid():
+            self._housekeeper.stop(timeout=self.store.busy_timeout + 5)
             self._housekeeper = None
         try:
             super().close_connection(connection)
@@ -625,33 +623,3 @@ class Transport(virtual.Transport):
             else:
                 budget_spent_since = None
                 waiter.wait(wait)
-
-    # -- leases and sweeping ---------------------------------------------------------
-
-    def _start_housekeeper(self):
-        if self._housekeeper is not None and self._housekeeper[0] == os.getpid():
-            return
-        self._stop = threading.Event()
-        thread = threading.Thread(target=self._housekeeping,
-                                  name='kombu-sqlite-housekeeper', daemon=True)
-        self._housekeeper = (os.getpid(), thread)
-        thread.start()
-
-    def _housekeeping(self):
-        """Renew our leases, touch our queues, sweep what expired."""
-        next_renewal = 0.0
-        tick = min(self.housekeeping_interval, self.lease_renew_interval)
-        while not self._stop.wait(tick):
-            try:
-                now = time.time()
-                if now >= next_renewal:
-                    self.store.renew(self.owner, now + self.visibility_timeout)
-                    next_renewal = now + self.lease_renew_interval
-                for channel in list(self.channels):
-                    channel.settle_held_acks()
-                # Queues being consumed are in use: postpone their x-expires.
-                self.store.touch_queues(list(self._callbacks))
-                self.store.sweep(now)
-                self.store.flush_counters()
-            except Exception as exc:  # keep renewing through transient errors
-                logger.warning('kombu-sqlite housekeeping failed: %s', exc)

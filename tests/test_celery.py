@@ -1,16 +1,13 @@
 """Celery on the sqlite transport: real workers, `celery inspect`, kill -9, Flower."""
 import base64
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
-from conftest import HERE, free_port, wait_for
+from conftest import free_port, wait_for
 
 
 @pytest.mark.parametrize('pool,acks_late', [

@@ -1,0 +1,53 @@
+"""The housekeeper: one background thread per connection, per process.
+
+It keeps a live holder's leases from running out, settles acks its
+channels held back, postpones ``x-expires`` of the queues being consumed,
+sweeps what expired, and writes the in-memory counters to the file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+
+class Housekeeper:
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name='kombu-sqlite-housekeeper',
+                                        daemon=True)
+
+    def start(self) -> Housekeeper:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float) -> None:
+        """Stop and wait: the connection it uses is closed next."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self):
+        transport = self.transport
+        store = transport.store
+        next_renewal = 0.0
+        tick = min(transport.housekeeping_interval, transport.lease_renew_interval)
+        while not self._stop.wait(tick):
+            try:
+                now = time.time()
+                if now >= next_renewal:
+                    store.renew(transport.owner, now + transport.visibility_timeout)
+                    next_renewal = now + transport.lease_renew_interval
+                for channel in list(transport.channels):
+                    channel.settle_held_acks()
+                store.touch_queues(list(transport._callbacks))
+                store.sweep(now)
+                store.flush_counters()
+            except Exception as exc:  # keep renewing through transient errors
+                logger.warning('kombu-sqlite housekeeping failed: %s', exc)
