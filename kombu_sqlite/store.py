@@ -111,10 +111,7 @@ DEAD_LETTER = """
       FROM kombu_message WHERE id = :id
 """
 
-ACK = """DELETE FROM kombu_message
-          WHERE id = ? AND (lease_owner = ? OR lease_owner IS NULL)"""
-
-#: Acks held back by a consumer, settled together (a JSON array of ids).
+#: Ack: delete the rows (a JSON array of ids) still leased to this owner.
 ACK_MANY = """DELETE FROM kombu_message
                WHERE id IN (SELECT value FROM json_each(:ids))
                  AND (lease_owner = :owner OR lease_owner IS NULL)
@@ -361,17 +358,9 @@ class Store(Catalog):
     # -- settling --------------------------------------------------------------------------
 
     @retry_busy
-    def ack(self, message_id: int, owner: str, queue: str | None = None) -> bool:
-        done = self.conn.execute(ACK, (message_id, owner)).rowcount > 0
-        if done and queue:
-            self.counters[queue, 'acked'] += 1
-        return done
-
-    @retry_busy
     def ack_many(self, message_ids, owner: str) -> int:
-        """Settle acks held back by a consumer (see ``claim``)."""
-        with self.transaction() as conn:
-            acked = self._ack_many(conn, message_ids, owner)
+        """Delete acked messages; one statement, so no transaction of its own."""
+        acked = self._ack_many(self.conn, message_ids, owner)
         self.counters.update(acked)
         return sum(acked.values())
 

@@ -162,6 +162,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime
 from queue import Empty
 
@@ -384,13 +385,9 @@ class Channel(virtual.Channel):
 
     def _claim(self, queue, limit, no_ack=False):
         now = time.time()
-        acks = self._take_held_acks()
-        try:
+        with self._held_acks_taken() as acks:
             rows = self.store.claim(queue, self.connection.owner, limit,
                                     now + self.visibility_timeout, no_ack=no_ack, acks=acks)
-        except BaseException:
-            self._hold_acks(acks)
-            raise
         messages = []
         for message_id, priority, delivery_count, payload in rows:
             props = payload['properties']
@@ -438,30 +435,29 @@ class Channel(virtual.Channel):
             # in that claim's transaction, so a window of messages costs one
             # write lock instead of one per message.  Until then the row stays
             # leased to us; the housekeeper settles acks that wait longer.
-            self._hold_acks([delivery_tag])
+            with self._held_acks_lock:
+                self._held_acks.append(delivery_tag)
         else:
-            self.store.ack(delivery_tag, self.connection.owner, self._queue_of(delivery_tag))
+            self.store.ack_many([delivery_tag], self.connection.owner)
         super().basic_ack(delivery_tag)
 
-    def _hold_acks(self, tags):
-        with self._held_acks_lock:
-            self._held_acks[:0] = tags
-
-    def _take_held_acks(self):
+    @contextmanager
+    def _held_acks_taken(self):
+        """The held acks, given back if the statement settling them fails."""
         with self._held_acks_lock:
             tags, self._held_acks = self._held_acks, []
-        return tags
+        try:
+            yield tags
+        except BaseException:
+            with self._held_acks_lock:
+                self._held_acks[:0] = tags
+            raise
 
     def settle_held_acks(self):
         """Delete the rows of messages acked since the last claim."""
-        if not self._held_acks or os.getpid() != self._pid:
-            return
-        tags = self._take_held_acks()
-        try:
-            self.store.ack_many(tags, self.connection.owner)
-        except BaseException:
-            self._hold_acks(tags)
-            raise
+        if self._held_acks and os.getpid() == self._pid:
+            with self._held_acks_taken() as tags:
+                self.store.ack_many(tags, self.connection.owner)
 
     def close(self):
         if not self.closed:

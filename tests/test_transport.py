@@ -119,9 +119,10 @@ def test_consumer_acks_reach_the_file_without_another_delivery(db_url):
             while len(got) < 30:
                 conn.drain_events(timeout=5)
             # The consumer stops draining but stays open: its last acks still land.
-            queue = wait_for(lambda: (lambda q: q if q['leased'] == 0 else None)(
-                kombu_sqlite.Broker(db_url).stats()['q']), 5, what='the last acks to land')
-            assert queue['ready'] == 0
+            def settled():
+                queue = kombu_sqlite.Broker(db_url).stats()['q']
+                return queue if queue['leased'] == 0 else None
+            assert wait_for(settled, 5, what='the last acks to land')['ready'] == 0
     assert got == list(range(30))
     assert kombu_sqlite.Broker(db_url).stats()['q']['counters']['acked'] == 30
 
