@@ -1,12 +1,17 @@
 """``kombu-sqlite``: see and fix a queue database without opening SQLite by hand.
 
 Tables for people (rich), ``--json`` for programs.  Errors are one line on
-stderr and exit status 1.
+stderr and exit status 1.  The broker URL is the first argument, or
+``$KOMBU_SQLITE_URL`` when it is left out.  Every string that a producer chose
+(queue names, task names and ids, clients, reasons) reaches the terminal as
+rich ``Text`` through :func:`printable`: shown literally, never as markup, with
+control characters escaped.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -14,16 +19,61 @@ import time
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .broker import Broker
 from .errors import DatabaseError
+from .printable import printable
+
+URL_VARIABLE = 'KOMBU_SQLITE_URL'
 
 console = Console()
 
 
 def fail(message: str):
-    click.echo(f'kombu-sqlite: error: {message}', err=True)
+    click.echo(f'kombu-sqlite: error: {printable(message)}', err=True)
     sys.exit(1)
+
+
+def text(value) -> Text:
+    """A table cell or title that rich shows as it is: no markup, no emoji codes."""
+    return Text('-' if value is None or value == '' else printable(value))
+
+
+def with_url(*names):
+    """Positional arguments ``[URL] NAME...``; the URL defaults to $KOMBU_SQLITE_URL.
+
+    ``names`` are the command's own arguments, optional ones in brackets.  With
+    the variable set, a first argument is still taken as the URL when all the
+    others are there too or when it starts with ``sqlite:``.
+    """
+    required = sum(not n.startswith('[') for n in names)
+    params = [n.strip('[]').lower() for n in names]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(args, **kwargs):
+            url, values = _split_url(list(args), required, len(names))
+            if len(values) < required:
+                fail(f'missing argument {names[len(values)]}')
+            kwargs.update(zip(params, values + [None] * (len(names) - len(values))))
+            return command(url, **kwargs)
+        metavar = ' '.join(['[URL]', *names])
+        return click.argument('args', nargs=-1, metavar=metavar)(wrapper)
+    return decorate
+
+
+def _split_url(args, required, total):
+    if len(args) > total + 1:
+        fail(f'too many arguments: {" ".join(map(repr, args))}')
+    from_env = os.environ.get(URL_VARIABLE) or None
+    given = args and (len(args) == total + 1 or from_env is None
+                      or args[0].startswith('sqlite:'))
+    if given and len(args) > required:
+        return args[0], args[1:]
+    if from_env is None:
+        fail(f'no broker URL: give it as the first argument or set ${URL_VARIABLE}')
+    return from_env, args
 
 
 def friendly(command):
@@ -59,11 +109,14 @@ def _age(seconds):
 
 @click.group(context_settings={'help_option_names': ['-h', '--help']})
 def main():
-    """Inspect and operate a kombu-sqlite queue database (URL: sqlite:///path.db or a path)."""
+    """Inspect and operate a kombu-sqlite queue database.
+
+    URL is sqlite:///path.db or a path; leave it out to use $KOMBU_SQLITE_URL.
+    """
 
 
 @main.command()
-@click.argument('url')
+@with_url()
 @click.option('--json', 'as_json', is_flag=True, help='Machine-readable output.')
 @friendly
 def stats(url, as_json):
@@ -72,25 +125,25 @@ def stats(url, as_json):
         data = broker.stats()
     if as_json:
         return emit_json(data)
-    table = Table(title=f'queues in {url}')
+    table = Table(title=text(f'queues in {url}'))
     for column in ('queue', 'ready', 'by priority', 'delayed', 'leased', 'leased by',
                    'dead', 'oldest ready', 'published/min', 'acked/min'):
         table.add_column(column, justify='left' if column in ('queue', 'by priority',
                                                               'leased by') else 'right')
     for queue, q in data.items():
         table.add_row(
-            queue, str(q['ready']),
+            text(queue), str(q['ready']),
             ' '.join(f'{p}:{n}' for p, n in sorted(q['ready_by_priority'].items())) or '-',
             str(q['delayed']), str(q['leased']),
-            '\n'.join(f'{owner} ({n})' for owner, n in q['leased_by'].items()) or '-',
+            Text('\n').join(text(f'{owner} ({n})') for owner, n in q['leased_by'].items())
+            or '-',
             str(q['dead']), _age(q['oldest_ready_age']),
             str(q['last_minute']['published']), str(q['last_minute']['acked']))
     console.print(table)
 
 
 @main.command()
-@click.argument('url')
-@click.argument('queue')
+@with_url('QUEUE')
 @click.option('-n', 'count', default=10, show_default=True, help='How many messages.')
 @click.option('--body', is_flag=True, help='Show message bodies (they may hold prompts).')
 @click.option('--json', 'as_json', is_flag=True, help='Machine-readable output.')
@@ -102,14 +155,14 @@ def peek(url, queue, count, body, as_json):
         items = broker.peek(queue, count, body=body)
     if as_json:
         return emit_json(items)
-    table = Table(title=f'next in {queue}')
+    table = Table(title=text(f'next in {queue}'))
     columns = ['#', 'task', 'task id', 'priority', 'client', 'age', 'deliveries']
     for column in columns + (['body'] if body else []):
         table.add_column(column)
     for i, m in enumerate(items, 1):
-        row = [str(i), m['task'] or '-', m['task_id'] or '-', str(m['priority']),
-               m['client'] or '-', _age(m['age']), str(m['delivery_count'])]
-        table.add_row(*row + ([str(m['body'])[:200]] if body else []))
+        row = [str(i), text(m['task']), text(m['task_id']), str(m['priority']),
+               text(m['client']), _age(m['age']), str(m['delivery_count'])]
+        table.add_row(*row + ([text(str(m['body'])[:200])] if body else []))
     console.print(table)
 
 
@@ -119,8 +172,7 @@ def dlq():
 
 
 @dlq.command('list')
-@click.argument('url')
-@click.argument('queue', required=False)
+@with_url('[QUEUE]')
 @click.option('--json', 'as_json', is_flag=True, help='Machine-readable output.')
 @friendly
 def dlq_list(url, queue, as_json):
@@ -136,15 +188,14 @@ def dlq_list(url, queue, as_json):
         table.add_column(column)
     now = time.time()
     for d in items:
-        table.add_row(str(d['id']), d['queue'], d['task'] or '-', d['task_id'] or '-',
-                      str(d['priority']), str(d['delivery_count']), d['reason'],
+        table.add_row(str(d['id']), text(d['queue']), text(d['task']), text(d['task_id']),
+                      str(d['priority']), str(d['delivery_count']), text(d['reason']),
                       _age(now - d['dead_at']))
     console.print(table)
 
 
 @dlq.command('requeue')
-@click.argument('url')
-@click.argument('queue', required=False)
+@with_url('[QUEUE]')
 @friendly
 def dlq_requeue(url, queue):
     """Put dead letters back on their queue with a fresh delivery count."""
@@ -155,8 +206,7 @@ def dlq_requeue(url, queue):
 
 
 @dlq.command('purge')
-@click.argument('url')
-@click.argument('queue', required=False)
+@with_url('[QUEUE]')
 @friendly
 def dlq_purge(url, queue):
     """Delete dead letters for good."""
@@ -167,56 +217,65 @@ def dlq_purge(url, queue):
 
 
 @main.command()
-@click.argument('url')
-@click.argument('queue')
+@with_url('QUEUE')
 @friendly
 def purge(url, queue):
     """Delete the ready messages of QUEUE (messages being worked on finish)."""
     with open_broker(url) as broker:
         broker.require_queue(queue)
-        click.echo(f'purged {broker.purge(queue)} messages from {queue}')
+        click.echo(f'purged {broker.purge(queue)} messages from {printable(queue)}')
 
 
 @main.command()
-@click.argument('url')
+@with_url()
 @click.option('--json', 'as_json', is_flag=True, help='Machine-readable output.')
 @friendly
 def maintain(url, as_json):
-    """Sweep, checkpoint, vacuum, check and optimize; safe while workers run."""
+    """Sweep, give free pages back, checkpoint, check and optimize.
+
+    Safe while workers run: no step holds them up for more than a moment; what
+    could not be done now is reported and left to the next run.
+    """
     from .maintenance import maintain as run
     with open_broker(url) as broker:
         done = run(broker)
     if as_json:
-        return emit_json(done)
-    sweep, ckpt, vac = done['sweep'], done['checkpoint'], done['incremental_vacuum']
-    click.echo(f"swept: {sweep['leases_expired']} expired leases, "
-               f"{sweep['messages_expired']} expired messages, "
-               f"{len(sweep['queues_expired'])} expired queues")
-    click.echo(f"wal checkpoint (truncate): {ckpt['checkpointed']} pages"
-               + (' (busy: readers active, try again later)' if ckpt['busy'] else ''))
-    click.echo(f"incremental vacuum: {vac['pages_freed']} pages freed "
-               f"(auto_vacuum={vac['auto_vacuum']})")
-    click.echo(f"quick_check: {done['quick_check']}")
-    click.echo('optimize: ok')
+        emit_json(done)
+    else:
+        _report_maintenance(done)
     if done['quick_check'] != 'ok':
         sys.exit(2)
 
 
+def _report_maintenance(done):
+    sweep, vac, ckpt = done['sweep'], done['incremental_vacuum'], done['checkpoint']
+    click.echo(f"swept: {sweep['leases_expired']} expired leases, "
+               f"{sweep['messages_expired']} expired messages, "
+               f"{len(sweep['queues_expired'])} expired queues")
+    click.echo(f"incremental vacuum: {vac['pages_freed']} pages freed, "
+               f"{vac['pages_left']} left (auto_vacuum={vac['auto_vacuum']})"
+               + (f"; not done: {vac['not_done']}" if vac['not_done'] else ''))
+    click.echo(f"wal checkpoint: {ckpt['checkpointed']} of {ckpt['wal_frames']} frames"
+               + (', truncated' if ckpt['complete'] else f"; not done: {ckpt['not_done']}"))
+    click.echo(f"quick_check: {printable(done['quick_check'])}")
+    click.echo(f"optimize: {done['optimize']}")
+
+
 @main.command()
-@click.argument('url')
-@click.argument('dest')
+@with_url('DEST')
 @friendly
 def backup(url, dest):
-    """Consistent copy of the database to DEST while workers run."""
+    """Consistent, verified copy of the database to DEST while workers run."""
     from .maintenance import backup as run
     with open_broker(url) as broker:
         done = run(broker, dest)
-    click.echo(f"backup written to {done['destination']} "
-               f"({done['bytes']} bytes in {done['seconds']} s)")
+    click.echo(f"backup written to {printable(done['destination'])} "
+               f"({done['bytes']} bytes in {done['seconds']} s, "
+               f"integrity_check {done['integrity_check']})")
 
 
 @main.command()
-@click.argument('url')
+@with_url()
 @click.option('--port', default=9808, show_default=True)
 @click.option('--address', default='127.0.0.1', show_default=True)
 @friendly
@@ -230,7 +289,8 @@ def metrics(url, port, address):
     broker.stats()  # fail now, not at the first scrape
     REGISTRY.register(QueueCollector(broker))
     start_http_server(port, addr=address)
-    click.echo(f'serving metrics for {url} on http://{address}:{port}/metrics', err=True)
+    click.echo(f'serving metrics for {printable(url)} on http://{address}:{port}/metrics',
+               err=True)
     try:
         while True:
             time.sleep(3600)

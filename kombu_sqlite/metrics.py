@@ -2,12 +2,15 @@
 
 The counters live in the database, so they survive restarts and add up every
 process that published or consumed; the exporter itself keeps no state.
+Queue names are chosen by producers: label values carry them with control
+characters escaped (:func:`printable`), so no scrape passes terminal sequences on.
 """
 from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .broker import Broker
+from .printable import printable
 
 #: counter name in the database -> (metric name, help)
 COUNTERS = {
@@ -45,7 +48,8 @@ class QueueCollector:
         redelivered = CounterMetricFamily(
             'kombu_sqlite_redelivered', 'Messages delivered again (lease expired or requeued).',
             labels=['queue'])
-        for queue, q in stats.items():
+        for raw_name, q in stats.items():
+            queue = printable(raw_name)
             for priority, n in sorted(q['ready_by_priority'].items()):
                 ready.add_metric([queue, str(priority)], n)
             delayed.add_metric([queue], q['delayed'])
