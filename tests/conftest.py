@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -26,6 +27,22 @@ def wait_for(predicate, timeout, interval=0.1, what='condition'):
         time.sleep(interval)
     raise AssertionError(f'timed out after {timeout}s waiting for {what}')
 
+
+
+def start_exporter(procs, url):
+    """``kombu-sqlite metrics URL`` on a free port, answering; returns it and a scrape()."""
+    port = free_port()
+    exporter = procs.start([sys.executable, '-m', 'kombu_sqlite.cli', 'metrics', url,
+                            '--port', str(port)], name='exporter')
+
+    def scrape():
+        try:
+            with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+    wait_for(scrape, 30, what='the exporter to answer')
+    return exporter, scrape
 
 class Processes:
     """Starts subprocesses in their own process groups; stops them all."""

@@ -4,13 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 from kombu import Connection, Queue
 
 import kombu_sqlite  # noqa: F401  registers the sqlite:// transport
-from conftest import free_port, wait_for
+from conftest import start_exporter
 
 MARKUP_QUEUE = '[/bold]x'            # rich raised MarkupError on it
 RENDERED_QUEUE = '[b]bold[/b] :smile:'  # rich rendered it as bold and an emoji
@@ -89,17 +88,8 @@ def test_commands_that_echo_a_queue_name_escape_it(hostile):
 
 
 def test_exporter_labels_are_escaped(hostile, procs):
-    port = free_port()
-    exporter = procs.start([sys.executable, '-m', 'kombu_sqlite.cli', 'metrics', hostile,
-                            '--port', str(port)], name='exporter')
-
-    def scrape():
-        try:
-            with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5) as r:
-                return r.read().decode()
-        except OSError:
-            return None
-    text = wait_for(scrape, 30, what='the exporter to answer')
+    exporter, scrape = start_exporter(procs, hostile)
+    text = scrape()
     assert_safe(text)
     assert f'kombu_sqlite_ready{{priority="0",queue="{MARKUP_QUEUE}"}} 1.0' in text
     assert 'kombu_sqlite_dead{queue="evil\\\\x1b[2J"} 1.0' in text

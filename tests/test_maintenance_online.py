@@ -121,6 +121,7 @@ def test_backup_of_200_mib_under_continuous_commits_is_bounded_and_consistent(
         pytest.fail('backup of 200 MiB did not finish in 60 s beside a producer')
     finally:
         published = publisher.finish()['published']
+    print(f'backup of {os.path.getsize(path)} bytes beside a producer: {out.seconds:.2f} s')
     assert 'backup written' in out.stdout and 'integrity_check ok' in out.stdout, out.stdout
     assert oct(os.stat(dest).st_mode & 0o777) == '0o600'
     assert sorted(os.listdir(dest.parent)) == ['copy.db']
@@ -175,6 +176,7 @@ def test_maintain_beside_a_reader_snapshot_never_stalls_publishers(tmp_path, pro
         time.sleep(0.5)
     finally:
         worst = publisher.finish()['worst']
+    print(f'maintain beside a reader: {out.seconds:.2f} s, worst publish {worst:.3f} s')
     # Before: the checkpoint held the write lock for the whole 30 s busy timeout.
     assert worst < 2.0, f'a publish waited {worst:.1f} s while maintain ran'
     assert out.seconds < 20, f'maintain took {out.seconds:.1f} s'
@@ -209,6 +211,8 @@ def test_maintain_after_purging_60k_returns_the_space_without_stalling(tmp_path,
     done = json.loads(out.stdout)
     vacuum = done['incremental_vacuum']
     after = file_bytes(path)
+    print(f'maintain after purge: {out.seconds:.2f} s, {before} -> {after} bytes, '
+          f'worst publish {worst:.3f} s')
     # Before: one page freed per run, and the file stayed as large.
     assert after < before / 10, f'{before} bytes before maintain, {after} after'
     assert vacuum['pages_freed'] > 10_000 and vacuum['pages_left'] == 0, vacuum

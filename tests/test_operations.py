@@ -8,13 +8,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 
 import pytest
 from kombu import Connection, Queue
 
 import kombu_sqlite
-from conftest import free_port, wait_for
+from conftest import start_exporter, wait_for
 from kombu_sqlite import schema
 
 
@@ -128,17 +127,8 @@ def test_metrics_exporter_serves_queue_state_and_counters(db_url, procs):
     publish_work(db_url, 5)
     with Connection(db_url) as conn:
         conn.default_channel.basic_get('work').ack()
-    port = free_port()
-    exporter = procs.start([sys.executable, '-m', 'kombu_sqlite.cli', 'metrics', db_url,
-                            '--port', str(port)], name='exporter')
-
-    def scrape():
-        try:
-            with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5) as r:
-                return r.read().decode()
-        except OSError:
-            return None
-    text = wait_for(scrape, 30, what='the exporter to answer')
+    exporter, scrape = start_exporter(procs, db_url)
+    text = scrape()
     assert 'kombu_sqlite_ready{priority="1",queue="work"} 2.0' in text
     assert 'kombu_sqlite_ready{priority="2",queue="work"} 1.0' in text
     assert 'kombu_sqlite_published_total{queue="work"} 5.0' in text
