@@ -90,6 +90,8 @@ def friendly(command):
             fail(str(exc))
         except sqlite3.Error as exc:
             fail(f'SQLite: {exc}')
+        except OSError as exc:  # the backup's directory: permissions, space
+            fail(f'{exc.filename}: {exc.strerror}' if exc.filename else str(exc))
     return wrapper
 
 
@@ -158,7 +160,7 @@ def peek(url, queue, count, body, as_json):
     table = Table(title=text(f'next in {queue}'))
     columns = ['#', 'task', 'task id', 'priority', 'client', 'age', 'deliveries']
     for column in columns + (['body'] if body else []):
-        table.add_column(column)
+        table.add_column(column, overflow='fold' if column == 'task id' else 'ellipsis')
     for i, m in enumerate(items, 1):
         row = [str(i), text(m['task']), text(m['task_id']), str(m['priority']),
                text(m['client']), _age(m['age']), str(m['delivery_count'])]
@@ -185,7 +187,7 @@ def dlq_list(url, queue, as_json):
         return emit_json(items)
     table = Table(title='dead letters')
     for column in ('id', 'queue', 'task', 'task id', 'priority', 'deliveries', 'reason', 'dead since'):
-        table.add_column(column)
+        table.add_column(column, overflow='fold' if column == 'task id' else 'ellipsis')
     now = time.time()
     for d in items:
         table.add_row(str(d['id']), text(d['queue']), text(d['task']), text(d['task_id']),

@@ -153,7 +153,13 @@ def backup(broker: Broker, dest: str) -> dict:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with closing(_connect(source, 5.0)) as conn:
-            conn.execute('VACUUM INTO ?', (partial,))
+            try:
+                conn.execute('VACUUM INTO ?', (partial,))
+            except sqlite3.OperationalError as exc:
+                if 'full' not in str(exc):
+                    raise
+                raise DatabaseError(f'no space left for the backup in {directory!r}; '
+                                    f'{dest!r} was left as it was') from exc
         with closing(sqlite3.connect(partial)) as copy:
             check = [r[0] for r in copy.execute('PRAGMA integrity_check')]
         if check != ['ok']:

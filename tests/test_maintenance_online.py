@@ -217,3 +217,28 @@ def test_maintain_after_purging_60k_returns_the_space_without_stalling(tmp_path,
     assert after < before / 10, f'{before} bytes before maintain, {after} after'
     assert vacuum['pages_freed'] > 10_000 and vacuum['pages_left'] == 0, vacuum
     assert worst < 2.0, f'a publish waited {worst:.1f} s while maintain ran'
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB filesystem (tmpfs; needs root), unmounted afterwards."""
+    mount = tmp_path / 'small'
+    mount.mkdir()
+    made = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f'cannot mount a small tmpfs here: {made.stderr.strip()}')
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', str(mount)], check=True)
+
+
+def test_backup_to_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, small_disk):
+    url = f'sqlite:///{tmp_path}/live.db'
+    fill(url, 10)
+    out = cli('backup', url, str(small_disk / 'copy.db'), check=False)
+    assert out.returncode == 1
+    assert out.stderr.count('\n') == 1 and 'no space left for the backup' in out.stderr, \
+        out.stderr
+    assert os.listdir(small_disk) == []
