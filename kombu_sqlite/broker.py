@@ -14,24 +14,32 @@ from kombu.utils.json import loads
 from . import schema
 from .catalog import default_weight, priority_weights
 from .db import retry_busy
+from .options import Options
 from .store import BUCKET_SECONDS, Store
 
 _COUNTERS = ('published', 'acked', 'requeued', 'lease_expired', 'delayed_due',
-             'dead_lettered', 'expired', 'rejected_publish', 'dropped')
+             'dead_lettered', 'expired', 'rejected_publish', 'dropped', 'late_settles')
 _RECENT = ('published', 'acked')
 
 
 class Broker:
-    """Administrative view of one queue database."""
+    """Administrative view of one queue database.
 
-    busy_retries = 8
+    ``read_only=True`` opens the file so that nothing can be written (the
+    ``stats`` and ``peek`` commands): a file that is not a kombu-sqlite broker
+    is refused and left exactly as it was.
+    """
 
-    def __init__(self, url: str, *, create: bool = True, **options):
+    def __init__(self, url: str, *, create: bool = True, read_only: bool = False,
+                 **options):
         path = schema.path_from_url(url) if '://' in url else url
-        if not create and not os.path.isfile(path):
+        if (read_only or not create) and not os.path.isfile(path):
             raise FileNotFoundError(f'no queue database at {path!r}')
         self.url = url
-        self.store = Store(path, **options)
+        self.store = Store.open(path, Options.from_transport_options(options),
+                                read_only=read_only)
+        self.db = self.store.db
+        self.catalog = self.store.catalog
 
     def close(self) -> None:
         self.store.close()
@@ -46,7 +54,11 @@ class Broker:
 
     def queues(self) -> list[str]:
         """Declared queues and queues that hold messages."""
-        rows = self.store.conn.execute(
+        return self._queues(self.db.conn)
+
+    @staticmethod
+    def _queues(conn) -> list[str]:
+        rows = conn.execute(
             'SELECT name FROM kombu_queue UNION SELECT DISTINCT queue FROM kombu_message '
             'UNION SELECT DISTINCT queue FROM kombu_dead_letter ORDER BY 1')
         return [r[0] for r in rows]
@@ -57,20 +69,25 @@ class Broker:
 
     def stats(self) -> dict[str, dict]:
         """Per queue: ready by priority, delayed, leased (by owner), dead,
-        oldest ready age in seconds, and the lifetime counters."""
+        oldest ready age in seconds, and the lifetime counters.
+
+        Every figure comes from one read transaction: queues that appear or
+        vanish meanwhile are either wholly in it or not at all.
+        """
         now = time.time()
-        conn = self.store.conn
-        out = {q: {'ready': 0, 'ready_by_priority': {}, 'delayed': 0, 'leased': 0,
-                   'leased_by': {}, 'dead': 0, 'oldest_ready_age': None,
-                   'counters': dict.fromkeys(_COUNTERS, 0),
-                   'last_minute': dict.fromkeys(_RECENT, 0)}
-               for q in self.queues()}
-        conn.execute('BEGIN')  # one snapshot for every figure
-        try:
+
+        def empty():
+            return {'ready': 0, 'ready_by_priority': {}, 'delayed': 0, 'leased': 0,
+                    'leased_by': {}, 'dead': 0, 'oldest_ready_age': None,
+                    'counters': dict.fromkeys(_COUNTERS, 0),
+                    'last_minute': dict.fromkeys(_RECENT, 0)}
+
+        with self.db.snapshot() as conn:
+            out = {q: empty() for q in self._queues(conn)}
             for queue, priority, n, oldest in conn.execute(
                     'SELECT queue, priority, count(*), min(published_at) FROM kombu_message '
                     'WHERE lease_expires_at IS NULL GROUP BY queue, priority'):
-                q = out[queue]
+                q = out.setdefault(queue, empty())
                 q['ready'] += n
                 q['ready_by_priority'][priority] = n
                 age = now - oldest
@@ -78,14 +95,15 @@ class Broker:
             for queue, owner, n in conn.execute(
                     'SELECT queue, lease_owner, count(*) FROM kombu_message '
                     'WHERE lease_expires_at IS NOT NULL GROUP BY queue, lease_owner'):
+                q = out.setdefault(queue, empty())
                 if owner is None:
-                    out[queue]['delayed'] += n
+                    q['delayed'] += n
                 else:
-                    out[queue]['leased'] += n
-                    out[queue]['leased_by'][owner] = n
+                    q['leased'] += n
+                    q['leased_by'][owner] = n
             for queue, n in conn.execute(
                     'SELECT queue, count(*) FROM kombu_dead_letter GROUP BY queue'):
-                out[queue]['dead'] = n
+                out.setdefault(queue, empty())['dead'] = n
             for queue, name, value in conn.execute(
                     'SELECT queue, name, value FROM kombu_counter'):
                 if queue in out:
@@ -96,14 +114,12 @@ class Broker:
                     (int((now - 60) // BUCKET_SECONDS) + 1,)):
                 if queue in out and name in _RECENT:
                     out[queue]['last_minute'][name] = value
-        finally:
-            conn.execute('COMMIT')
         return out
 
     def peek(self, queue: str, n: int = 10, body: bool = False) -> list[dict]:
         """The next ``n`` ready messages in delivery order (weighted-random:
         in priority order, its most likely order)."""
-        scheduling, _, _, _ = self.store.queue_policy(queue)
+        scheduling, _, _, _ = self.catalog.queue_policy(queue)
         order = 'rank DESC, id DESC' if scheduling == 'lifo' else 'rank, id'
         rows = self.store.conn.execute(
             f'SELECT id, task_name, task_id, priority, client, published_at, '
@@ -133,7 +149,7 @@ class Broker:
         if row is None:
             return None
         message_id, rank = row
-        scheduling, _, _, arguments = self.store.queue_policy(queue)
+        scheduling, _, _, arguments = self.catalog.queue_policy(queue)
         if scheduling == 'lifo':
             where = '(rank > :rank OR (rank = :rank AND id > :id))'
         elif scheduling == 'weighted-random':
@@ -194,7 +210,7 @@ class Broker:
     def _requeue(self, queue, ids):
         where, args = self._dead_filter(queue, ids)
         now = time.time()
-        with self.store.transaction() as conn:
+        with self.db.transaction() as conn:
             rows = conn.execute(
                 f'SELECT id, queue, priority, payload FROM kombu_dead_letter{where}',
                 args).fetchall()
@@ -202,7 +218,7 @@ class Broker:
                 message = loads(payload)
                 message['redelivered'] = False
                 params = self.store.publish_params(message, priority, now)
-                self.store._insert_one(conn, q, params)  # delivery count starts at 0
+                self.store.insert_one(conn, q, params)  # delivery count starts at 0
                 conn.execute('DELETE FROM kombu_dead_letter WHERE id = ?', (dead_id,))
         return len(rows)
 

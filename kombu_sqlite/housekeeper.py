@@ -35,18 +35,21 @@ class Housekeeper:
 
     def _run(self):
         transport = self.transport
+        options = transport.options
         store = transport.store
         next_renewal = 0.0
-        tick = min(transport.housekeeping_interval, transport.lease_renew_interval)
+        tick = min(options.housekeeping_interval, options.lease_renew_interval)
         while not self._stop.wait(tick):
             try:
                 now = time.time()
                 if now >= next_renewal:
-                    store.renew(transport.owner, now + transport.visibility_timeout)
-                    next_renewal = now + transport.lease_renew_interval
-                for channel in list(transport.channels):
+                    store.renew(transport.owner, now + options.visibility_timeout)
+                    next_renewal = now + options.lease_renew_interval
+                channels = list(transport.channels)
+                for channel in channels:
                     channel.settle_held_acks()
-                store.touch_queues(list(transport._callbacks))
+                store.catalog.touch_queues(
+                    {q for channel in channels for q in channel.consumed_queues})
                 store.sweep(now)
                 store.flush_counters()
             except Exception as exc:  # keep renewing through transient errors
