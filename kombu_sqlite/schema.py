@@ -10,6 +10,7 @@ import logging
 import os
 import sqlite3
 import stat
+import struct
 from urllib.parse import quote, unquote
 
 from .errors import DatabaseError, DatabaseUnavailable, ForeignDatabase, UnusableURL
@@ -217,39 +218,58 @@ def prepare_directory(path: str) -> None:
 def identify(path: str) -> int:
     """The schema version of our file at ``path``; 0 for a new, empty file.
 
-    Reads through a read-only connection, so a file that is not ours is
-    refused before anything writes to it.
+    Reads the 100-byte SQLite header itself, and the table list through a
+    connection that can neither write nor create ``-wal``/``-shm`` files, so
+    a file that is not ours is refused leaving it and its directory exactly
+    as they were.
     """
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return 0
     try:
-        conn = sqlite3.connect(f'file:{quote(os.path.abspath(path))}?mode=ro', uri=True)
-    except sqlite3.Error as exc:
-        raise DatabaseUnavailable(f'cannot open the queue database {path!r}: {exc}') from exc
+        with open(path, 'rb') as f:
+            header = f.read(100)
+    except OSError as exc:
+        raise DatabaseUnavailable(
+            f'cannot read the queue database {path!r}: {exc.strerror}') from exc
+    if len(header) < 100 or not header.startswith(b'SQLite format 3\0'):
+        raise DatabaseError(
+            f'{path!r} is not a usable SQLite database (no SQLite header); it was left '
+            f'as it was')
+    version, app_id = struct.unpack('>i4xi', header[60:72])
+    if app_id == APPLICATION_ID:
+        return _supported(path, version)
+    if app_id != 0:
+        raise _foreign(path, app_id, version, None)
+    tables = _tables(path)
+    if not tables and version == 0:
+        return 0   # an empty SQLite file: ours to set up
+    if 'kombu_message' in tables and tables <= _OUR_TABLES and version >= 1:
+        return _supported(path, version)   # ours, from before application_id was set
+    raise _foreign(path, app_id, version, tables)
+
+
+def _tables(path: str) -> set:
+    conn = sqlite3.connect(f'{_uri(path)}?mode=ro&immutable=1', uri=True)
     try:
-        app_id = conn.execute('PRAGMA application_id').fetchone()[0]
-        version = conn.execute('PRAGMA user_version').fetchone()[0]
-        tables = {r[0] for r in conn.execute(
+        return {r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
-        if isinstance(exc, sqlite3.OperationalError) and 'locked' in str(exc):
-            raise  # busy, not broken: the caller retries
         raise DatabaseError(
             f'{path!r} is not a usable SQLite database: {exc}; it was left as it was') from exc
     finally:
         conn.close()
-    if app_id == APPLICATION_ID:
-        return _supported(path, version)
-    if app_id == 0 and not tables and version == 0:
-        return 0   # an empty SQLite file: ours to set up
-    legacy = app_id == 0 and 'kombu_message' in tables and tables <= _OUR_TABLES
-    if legacy and 1 <= version:
-        return _supported(path, version)
-    raise ForeignDatabase(
+
+
+def _uri(path: str) -> str:
+    return 'file:' + quote(os.path.abspath(path))
+
+
+def _foreign(path, app_id, version, tables):
+    shown = '' if tables is None else f', tables: {", ".join(sorted(tables)) or "none"}'
+    return ForeignDatabase(
         f'{path!r} is an SQLite database of another application (application_id '
-        f'{app_id:#x}, user_version {version}, tables: {", ".join(sorted(tables)) or "none"}), '
-        f'not a kombu-sqlite broker; refusing to touch it: point the broker URL at a '
-        f'new file')
+        f'{app_id:#x}, user_version {version}{shown}), not a kombu-sqlite broker; '
+        f'refusing to touch it: point the broker URL at a new file')
 
 
 def _supported(path, version):
@@ -326,7 +346,10 @@ def connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
         raise DatabaseError(
             f'{path!r} has schema version {version}; a read-only command does not '
             f'migrate it: start a worker (or open it once with the transport) first')
-    conn = sqlite3.connect(f'file:{quote(os.path.abspath(path))}?mode=ro', uri=True,
+    # With no -wal beside it the file is complete and nobody writes it: read
+    # it as immutable, which creates no -wal or -shm either.
+    immutable = '' if os.path.exists(path + '-wal') else '&immutable=1'
+    conn = sqlite3.connect(f'{_uri(path)}?mode=ro{immutable}', uri=True,
                            timeout=busy_timeout, isolation_level=None,
                            check_same_thread=False)
     conn.execute(f'PRAGMA busy_timeout={int(busy_timeout * 1000)}')
@@ -335,11 +358,12 @@ def connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
 
 def ensure_schema(conn: sqlite3.Connection, path: str, version: int) -> None:
     """Create or migrate the schema, under a write lock so processes agree."""
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION and conn.execute(
+            'PRAGMA application_id').fetchone()[0] == APPLICATION_ID:
         return
     conn.execute('BEGIN IMMEDIATE')
     try:
-        version = conn.execute('PRAGMA user_version').fetchone()[0]
+        version = _supported(path, conn.execute('PRAGMA user_version').fetchone()[0])
         for target in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[target]:
                 conn.execute(statement)

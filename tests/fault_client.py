@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-import kombu_sqlite  # noqa: F401
+import kombu_sqlite  # noqa: F401  registers sqlite://
 from kombu import Connection, Consumer, Queue
 
 
