@@ -88,7 +88,7 @@ class Catalog:
             (name, arguments, message_ttl, expires, auto_delete, max_length, overflow,
              scheduling, declared_at, last_used_at)
         VALUES (:name, :arguments, :message_ttl, :expires, :auto_delete, :max_length,
-                :overflow, :scheduling, :now, :now)
+                :overflow, :scheduling, :now, :monotonic)
         ON CONFLICT (name) DO UPDATE SET
             arguments = excluded.arguments, message_ttl = excluded.message_ttl,
             expires = excluded.expires, auto_delete = excluded.auto_delete,
@@ -111,6 +111,7 @@ class Catalog:
             'overflow': _choice(arguments, 'x-overflow', OVERFLOW_MODES, name),
             'scheduling': _choice(arguments, 'x-scheduling', SCHEDULING_STRATEGIES, name),
             'now': time.time(),
+            'monotonic': time.monotonic(),
         })
 
     def has_queue(self, name: str) -> bool:
@@ -141,7 +142,10 @@ class Catalog:
         if names:
             self.db.conn.executemany(
                 'UPDATE kombu_queue SET last_used_at = ? WHERE name = ?',
-                [(time.time(), n) for n in names])
+                [(time.monotonic(), n) for n in names])
+
+    def restart_expiry_clocks(self, conn, monotonic: float) -> None:
+        conn.execute('UPDATE kombu_queue SET last_used_at = ?', (monotonic,))
 
     @retry_busy
     def delete_queue(self, name: str) -> int:
@@ -168,7 +172,8 @@ class Catalog:
 
     @retry_busy
     def sweep_expired_queues(self, now: float) -> list[str]:
-        """Delete queues unused for longer than their x-expires."""
+        """Delete queues unused for longer than their x-expires; ``now`` and
+        ``last_used_at`` are CLOCK_MONOTONIC seconds, immune to clock steps."""
         if not self.db.conn.execute(self.EXPIRED_QUEUES + ' LIMIT 1', (now,)).fetchone():
             return []
         with self.db.transaction() as conn:

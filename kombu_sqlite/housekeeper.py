@@ -41,7 +41,7 @@ class Housekeeper:
         tick = min(options.housekeeping_interval, options.lease_renew_interval)
         while not self._stop.wait(tick):
             try:
-                now = time.time()
+                now = time.monotonic()   # leases are on the monotonic clock
                 if now >= next_renewal:
                     store.renew(transport.owner, now + options.visibility_timeout)
                     next_renewal = now + options.lease_renew_interval
@@ -50,7 +50,7 @@ class Housekeeper:
                     channel.settle_held_acks()
                 store.catalog.touch_queues(
                     {q for channel in channels for q in channel.consumed_queues})
-                store.sweep(now)
+                store.sweep()
                 store.flush_counters()
             except Exception as exc:  # keep renewing through transient errors
                 logger.warning('kombu-sqlite housekeeping failed: %s', exc)

@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote
 
 from .errors import DatabaseError, DatabaseUnavailable, ForeignDatabase, UnusableURL
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Statements that build schema version 1 from an empty file.
 SCHEMA_V1 = (
@@ -145,8 +145,20 @@ SCHEMA_V3 = (
     """,
 )
 
+#: Version 4: leases and queue expiry on CLOCK_MONOTONIC, valid for one boot.
+#: ``boot_id`` names the boot whose monotonic clock the deadlines use; a file
+#: first opened in a new boot has its leases released (see Store.adopt_boot).
+SCHEMA_V4 = (
+    """
+    CREATE TABLE kombu_meta (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID
+    """,
+)
+
 #: version -> statements that take a file from version-1 to version.
-MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
 
 
 def path_from_url(url: str) -> str:

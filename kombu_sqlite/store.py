@@ -134,9 +134,23 @@ RELEASE = """UPDATE kombu_message SET lease_expires_at = NULL, lease_owner = NUL
 
 RENEW = 'UPDATE kombu_message SET lease_expires_at = ? WHERE lease_owner = ?'
 
+# Two clocks share lease_expires_at: a lease (lease_owner set) ends at a
+# CLOCK_MONOTONIC time, immune to wall-clock steps; a delayed message
+# (lease_owner NULL) is due at its wall-clock ETA, as Celery defines it.
 EXPIRE_LEASES = """UPDATE kombu_message SET lease_expires_at = NULL, lease_owner = NULL
-                    WHERE lease_expires_at <= ?
-                   RETURNING queue, delivery_count > 0"""
+                    WHERE lease_expires_at <= :monotonic AND lease_owner IS NOT NULL
+                   RETURNING queue"""
+
+RELEASE_DUE = """UPDATE kombu_message SET lease_expires_at = NULL
+                  WHERE lease_expires_at <= :wall AND lease_owner IS NULL
+                 RETURNING queue"""
+
+#: A new boot restarts CLOCK_MONOTONIC: no lease of an earlier boot holds.
+BOOT_ID = "SELECT value FROM kombu_meta WHERE name = 'boot_id'"
+RELEASE_ALL_LEASES = """UPDATE kombu_message SET lease_expires_at = NULL, lease_owner = NULL
+                         WHERE lease_owner IS NOT NULL"""
+SET_BOOT_ID = """INSERT INTO kombu_meta (name, value) VALUES ('boot_id', ?)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value"""
 
 EXPIRE_MESSAGES = """DELETE FROM kombu_message
                       WHERE expires_at <= ? AND lease_owner IS NULL
@@ -186,7 +200,10 @@ class Store:
         """The database at ``path`` with its catalog and this store, composed."""
         db = Database(path, options.busy_timeout, options.synchronous,
                       options.max_page_count, read_only=read_only)
-        return cls(db, Catalog(db), options.max_deliveries, options.max_length_block_timeout)
+        store = cls(db, Catalog(db), options.max_deliveries, options.max_length_block_timeout)
+        if not read_only:
+            store.adopt_boot()
+        return store
 
     @property
     def path(self) -> str:
@@ -506,23 +523,45 @@ class Store:
         return self.db.conn.execute(RENEW, (lease_until, owner)).rowcount
 
     @retry_busy
-    def sweep(self, now: float | None = None) -> dict:
+    def sweep(self) -> dict:
         """Due messages and expired leases back to ready; expired messages and
         queues dropped; the counts added to the counters."""
-        now = time.time() if now is None else now
+        wall, monotonic = time.time(), time.monotonic()
         conn = self.db.conn
         counts = Counter()
-        for queue, was_leased in conn.execute(EXPIRE_LEASES, (now,)).fetchall():
-            counts[queue, 'lease_expired' if was_leased else 'delayed_due'] += 1
-        for (queue,) in conn.execute(EXPIRE_MESSAGES, (now,)).fetchall():
+        for (queue,) in conn.execute(EXPIRE_LEASES, {'monotonic': monotonic}).fetchall():
+            counts[queue, 'lease_expired'] += 1
+        for (queue,) in conn.execute(RELEASE_DUE, {'wall': wall}).fetchall():
+            counts[queue, 'delayed_due'] += 1
+        for (queue,) in conn.execute(EXPIRE_MESSAGES, (wall,)).fetchall():
             counts[queue, 'expired'] += 1
-        queues = self.catalog.sweep_expired_queues(now)
+        queues = self.catalog.sweep_expired_queues(monotonic)
         self.bump(counts)
         conn.execute('DELETE FROM kombu_counter_recent WHERE bucket < ?',
-                     (int((now - 3600) // BUCKET_SECONDS),))
+                     (int((wall - 3600) // BUCKET_SECONDS),))
         return {'leases_expired': sum(n for (_, k), n in counts.items() if k == 'lease_expired'),
                 'messages_expired': sum(n for (_, k), n in counts.items() if k == 'expired'),
                 'queues_expired': queues}
+
+    @retry_busy
+    def adopt_boot(self) -> None:
+        """Release the leases of an earlier boot, whose monotonic clock is gone.
+
+        No lease outlives a reboot: its holder is gone too.  Queue expiry
+        clocks restart from now.
+        """
+        current = boot_id()
+        if self.db.conn.execute(BOOT_ID).fetchone() == (current,):
+            return
+        with self.db.transaction() as conn:
+            if conn.execute(BOOT_ID).fetchone() == (current,):
+                return
+            released = conn.execute(RELEASE_ALL_LEASES).rowcount
+            self.catalog.restart_expiry_clocks(conn, time.monotonic())
+            conn.execute(SET_BOOT_ID, (current,))
+        if released:
+            logger.warning('kombu-sqlite: %d leases of an earlier boot (or an older '
+                           'kombu-sqlite) released in %s', released, self.db.path)
 
     @retry_busy
     def bump(self, counts) -> None:
@@ -575,6 +614,15 @@ class _Full(Exception):
 
     def __init__(self, queue, max_length, overflow):
         self.queue, self.max_length, self.overflow = queue, max_length, overflow
+
+
+def boot_id() -> str:
+    """This boot's id (Linux); CLOCK_MONOTONIC restarts with each boot."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id') as f:
+            return f.read().strip()
+    except OSError:  # pragma: no cover - not Linux: boot time, to the minute
+        return str(round((time.time() - time.monotonic()) / 60))
 
 
 def _text(value):

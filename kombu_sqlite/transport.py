@@ -398,10 +398,10 @@ class Channel(virtual.Channel):
         self._cycle = FairCycle(self._get_bulk, self._active_queues, Empty)
 
     def _claim(self, queue, limit, no_ack=False):
-        now = time.time()
+        lease_until = time.monotonic() + self.options.visibility_timeout
         with self._held_acks_taken() as acks:
             rows, late = self.store.claim(
-                queue, self.connection.owner, limit, now + self.options.visibility_timeout,
+                queue, self.connection.owner, limit, lease_until,
                 no_ack=no_ack, acks=acks)
         self._settled(acks, late, 'ack')
         messages = []
