@@ -19,7 +19,10 @@ Leases (visibility timeout)
 A delivery claims its rows in one write transaction
 (``BEGIN IMMEDIATE; UPDATE ... WHERE id IN (SELECT ... ORDER BY priority, id
 LIMIT n) RETURNING ...``) and stamps ``lease_expires_at = now +
-visibility_timeout``.  Ack deletes the row; a channel with consumers deletes
+visibility_timeout`` on CLOCK_MONOTONIC, so wall-clock steps neither rerun nor
+delay anything.  Ack, reject and requeue act only on a lease the caller still
+owns; a late one is counted (``late_settles``) and logged.  Messages claimed
+but not yet handed to the application are released as soon as delivery stops.  Ack deletes the row; a channel with consumers deletes
 its acked rows in the transaction of its next claim (at once in its drain
 loop, within ``housekeeping_interval`` otherwise), so a prefetch window costs
 one write lock, and a consumer killed before that gets those messages
@@ -51,8 +54,9 @@ accumulate.  Auto-delete queues are deleted when their last consumer cancels.
 
 Dead letters
 ------------
-A message delivered ``max_deliveries`` times without an ack, or rejected
-without requeue, moves to the ``kombu_dead_letter`` table with its reason,
+A message delivered ``max_deliveries`` times without an ack, rejected without
+requeue, or stored in a form that cannot be decoded (its batch-mates are
+delivered normally), moves to the ``kombu_dead_letter`` table with its reason,
 time and delivery count.  :class:`kombu_sqlite.Broker` lists, requeues and
 purges them; nothing is dropped silently.
 
@@ -91,6 +95,15 @@ An idle consumer blocks on an inotify watch of the ``-wal`` file (Linux) and
 wakes within a millisecond of another process's commit, using no CPU while
 idle; elsewhere it polls ``PRAGMA data_version`` every ``poll_interval``.
 
+Errors
+------
+A full disk, a file locked past ``busy_timeout``, an I/O error or an unusable
+URL raise :class:`kombu_sqlite.errors.DatabaseUnavailable` (a connection
+error: kombu retries and fails over, Celery reconnects; a consumer logs it and
+waits).  A corrupt file, another application's database (recognised by
+``PRAGMA application_id`` before anything is written) or a newer schema raise
+a fatal :class:`kombu_sqlite.DatabaseError` that says what to do.
+
 Connection string
 =================
 
@@ -98,6 +111,7 @@ Connection string
 
     sqlite:///relative/path/queue.db
     sqlite:////absolute/path/queue.db
+    sqlite:////first.db;sqlite:////second.db   (kombu failover)
 
 Queue arguments
 ===============
@@ -144,14 +158,19 @@ Transport options
   the broker until due (default ``True``).
 * ``max_length_block_timeout``: seconds a publish to a full ``'block'`` queue
   waits for room (default ``10``).
-* ``busy_timeout``: seconds a statement waits for another writer before
-  retrying (default ``30``).
+* ``busy_timeout``: seconds a write waits for another writer; past it,
+  ``DatabaseLocked`` names the file (default ``30``).
 * ``max_page_count``: cap the file at this many pages (of 4 KiB), for a
   queue that must not fill the disk; publishing past it fails with a clear
   error and nothing already queued is lost (default: no cap).
 * ``synchronous``: ``'NORMAL'`` (survives process crashes; the last commits
   may roll back on power loss) or ``'FULL'`` (survives power loss, slower)
   (default ``'NORMAL'``).
+* ``batch_acks``: a consuming channel deletes its acked rows in the
+  transaction of its next claim; off, every ack is written at once on its own
+  (default ``True``).
+
+Options are parsed once into :class:`kombu_sqlite.options.Options`.
 """
 from __future__ import annotations
 
