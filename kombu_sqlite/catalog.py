@@ -118,11 +118,6 @@ class Catalog:
         return self.db.conn.execute(
             'SELECT 1 FROM kombu_queue WHERE name = ?', (name,)).fetchone() is not None
 
-    def queue_arguments(self, name: str) -> dict | None:
-        row = self.db.conn.execute(
-            'SELECT arguments FROM kombu_queue WHERE name = ?', (name,)).fetchone()
-        return None if row is None else json.loads(row[0])
-
     def queue_policy(self, name: str):
         """(scheduling, max_length, overflow, arguments) of a queue, or defaults."""
         row = self.db.conn.execute(
@@ -131,9 +126,6 @@ class Catalog:
         if row is None:
             return 'priority', None, 'reject-publish', {}
         return row[0], row[1], row[2], json.loads(row[3])
-
-    def queue_names(self) -> list[str]:
-        return [r[0] for r in self.db.conn.execute('SELECT name FROM kombu_queue ORDER BY name')]
 
     @retry_busy
     def touch_queues(self, names) -> None:

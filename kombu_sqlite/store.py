@@ -73,18 +73,22 @@ ROUTED_POLICIES = """
 ROUTED_QUEUES = 'SELECT b.queue FROM kombu_binding b WHERE b.exchange = :exchange AND {match}'
 
 
-#: The next ready messages of a queue in delivery order.
+#: The next ready messages of a queue, one statement per delivery order: the
+#: claim takes their ids, ``peek`` shows them.  ``before`` is the same order
+#: as a comparison, for ``position``.
 NEXT_READY = {
-    'forward': """SELECT id FROM kombu_message
+    'forward': """SELECT {columns} FROM kombu_message
                    WHERE queue = :queue AND lease_expires_at IS NULL
                    ORDER BY rank, id LIMIT :limit""",
-    'lifo': """SELECT id FROM kombu_message
+    'lifo': """SELECT {columns} FROM kombu_message
                 WHERE queue = :queue AND lease_expires_at IS NULL
                 ORDER BY rank DESC, id DESC LIMIT :limit""",
-    'level': """SELECT id FROM kombu_message
+    'level': """SELECT {columns} FROM kombu_message
                  WHERE queue = :queue AND lease_expires_at IS NULL AND rank = :rank
                  ORDER BY id LIMIT :limit""",
 }
+BEFORE = {'forward': '(rank, id) < (:rank, :id)', 'lifo': '(rank, id) > (:rank, :id)',
+          'level': 'rank = :rank AND id < :id'}
 
 #: Claim: lease the next ready messages to this owner, in one statement.
 CLAIM = """
@@ -100,6 +104,10 @@ TAKE = """
     DELETE FROM kombu_message WHERE id IN ({next})
     RETURNING id, priority, delivery_count + 1, expires_at, rank, payload
 """
+
+#: (statement, order) -> SQL, formatted once.
+CLAIMS = {(statement, order): statement.format(next=sql.format(columns='id'))
+          for statement in (CLAIM, TAKE) for order, sql in NEXT_READY.items()}
 
 #: The ready priority levels of a queue, one index probe each.
 NEXT_LEVEL = """SELECT min(rank) FROM kombu_message
@@ -382,7 +390,7 @@ class Store:
 
     def _claim_rows(self, conn, statement, order, queue, now, params):
         """Run the claim, dropping expired rows and dead-lettering poison ones."""
-        sql = statement.format(next=NEXT_READY[order])
+        sql = CLAIMS[statement, order]
         while True:
             rows = conn.execute(sql, params).fetchall()
             expired = [r[0] for r in rows if r[3] is not None and r[3] <= now]
@@ -593,6 +601,120 @@ class Store:
         return self.db.conn.execute(
             'DELETE FROM kombu_message WHERE queue = ? AND lease_expires_at IS NULL',
             (queue,)).rowcount
+
+    # -- looking (Broker and the kombu-sqlite command) ------------------------------------
+
+    def queues(self, conn=None) -> list[str]:
+        """Declared queues and queues that hold messages or dead letters."""
+        rows = (conn or self.db.conn).execute(
+            'SELECT name FROM kombu_queue UNION SELECT DISTINCT queue FROM kombu_message '
+            'UNION SELECT DISTINCT queue FROM kombu_dead_letter ORDER BY 1')
+        return [r[0] for r in rows]
+
+    def figures(self, recent_since_bucket: int):
+        """Per-queue rows for stats, all read in one transaction (one snapshot):
+        (queues, ready, leased, dead, counters, recent)."""
+        with self.db.snapshot() as conn:
+            return (
+                self.queues(conn),
+                conn.execute(
+                    'SELECT queue, priority, count(*), min(published_at) FROM kombu_message '
+                    'WHERE lease_expires_at IS NULL GROUP BY queue, priority').fetchall(),
+                conn.execute(
+                    'SELECT queue, lease_owner, count(*) FROM kombu_message '
+                    'WHERE lease_expires_at IS NOT NULL GROUP BY queue, lease_owner').fetchall(),
+                conn.execute(
+                    'SELECT queue, count(*) FROM kombu_dead_letter GROUP BY queue').fetchall(),
+                conn.execute('SELECT queue, name, value FROM kombu_counter').fetchall(),
+                conn.execute(
+                    'SELECT queue, name, sum(value) FROM kombu_counter_recent '
+                    'WHERE bucket >= ? GROUP BY queue, name', (recent_since_bucket,)).fetchall())
+
+    def peek(self, queue: str, n: int):
+        """The next ``n`` ready messages in delivery order (weighted-random: in
+        priority order, its most likely order)."""
+        scheduling = self.catalog.queue_policy(queue)[0]
+        sql = NEXT_READY['lifo' if scheduling == 'lifo' else 'forward'].format(
+            columns='id, task_name, task_id, priority, client, published_at, '
+                    'delivery_count, payload')
+        return self.db.conn.execute(sql, {'queue': queue, 'limit': n}).fetchall()
+
+    def position(self, queue: str, task_id: str):
+        """Messages delivered before this task's (expected, for weighted-random);
+        None if it is not waiting."""
+        conn = self.db.conn
+        row = conn.execute(
+            'SELECT id, rank FROM kombu_message WHERE queue = ? AND task_id = ? '
+            'AND lease_expires_at IS NULL', (queue, task_id)).fetchone()
+        if row is None:
+            return None
+        message_id, rank = row
+        scheduling, _, _, arguments = self.catalog.queue_policy(queue)
+        order = {'lifo': 'lifo', 'weighted-random': 'level'}.get(scheduling, 'forward')
+        ahead = conn.execute(
+            f'SELECT count(*) FROM kombu_message WHERE queue = :queue '
+            f'AND lease_expires_at IS NULL AND {BEFORE[order]}',
+            {'queue': queue, 'rank': rank, 'id': message_id}).fetchone()[0]
+        if scheduling != 'weighted-random':
+            return ahead
+        counts = dict(conn.execute(
+            'SELECT rank, count(*) FROM kombu_message WHERE queue = ? '
+            'AND lease_expires_at IS NULL GROUP BY rank', (queue,)))
+        weights = priority_weights(arguments, queue)
+        weight = lambda p: weights.get(p, default_weight(p))  # noqa: E731
+        # Our level needs ahead+1 draws; each comes with w_l/w_p draws of every
+        # other non-empty level on average, at most as many as it holds.
+        draws = ahead + 1
+        return ahead + sum(min(n, draws * weight(p) / weight(rank))
+                           for p, n in counts.items() if p != rank)
+
+    # -- dead letters ------------------------------------------------------------------
+
+    def dead_letters(self, queue=None, limit=None):
+        sql = ('SELECT id, queue, priority, delivery_count, reason, dead_at, client, '
+               'task_name, task_id, published_at FROM kombu_dead_letter')
+        args = []
+        if queue is not None:
+            sql += ' WHERE queue = ?'
+            args.append(queue)
+        sql += ' ORDER BY id'
+        if limit is not None:
+            sql += ' LIMIT ?'
+            args.append(int(limit))
+        return self.db.conn.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _dead_filter(queue, ids):
+        clauses, args = [], []
+        if queue is not None:
+            clauses.append('queue = ?')
+            args.append(queue)
+        if ids is not None:
+            ids = list(ids)
+            clauses.append('id IN (SELECT value FROM json_each(?))')
+            args.append(dumps(ids))
+        return (' WHERE ' + ' AND '.join(clauses)) if clauses else '', args
+
+    @retry_busy
+    def requeue_dead(self, queue=None, ids=None) -> int:
+        """Put dead letters back on their queue with a fresh delivery count."""
+        where, args = self._dead_filter(queue, ids)
+        now = time.time()
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                f'SELECT id, queue, priority, payload FROM kombu_dead_letter{where}',
+                args).fetchall()
+            for dead_id, q, priority, payload in rows:
+                message = loads(payload)
+                message['redelivered'] = False
+                self.insert_one(conn, q, self.publish_params(message, priority, now))
+                conn.execute('DELETE FROM kombu_dead_letter WHERE id = ?', (dead_id,))
+        return len(rows)
+
+    @retry_busy
+    def purge_dead(self, queue=None, ids=None) -> int:
+        where, args = self._dead_filter(queue, ids)
+        return self.db.conn.execute(f'DELETE FROM kombu_dead_letter{where}', args).rowcount
 
 
 #: Stores of this process, whose counters are written when it exits normally.
