@@ -194,14 +194,13 @@ class Database:
 
     def _open_first(self) -> sqlite3.Connection:
         """This process's first connection: identify, create, migrate, secure."""
-        version = schema.identify(self.path)   # refuses a foreign file, writes nothing
-        new_file = version == 0
+        new_file = schema.identify(self.path)   # refuses a foreign file, writes nothing
         if new_file:
             schema.create_file(self.path)
         conn = schema.connect(self.path, self.busy_timeout, self.synchronous,
                               self.max_page_count, new_file=new_file)
         try:
-            schema.ensure_schema(conn, self.path, version)
+            schema.ensure_schema(conn, self.path)
         except sqlite3.DatabaseError as exc:
             conn.close()
             if is_busy(exc):

@@ -227,8 +227,8 @@ def prepare_directory(path: str) -> None:
         raise DatabaseUnavailable(f'the queue database {path!r} is not writable')
 
 
-def identify(path: str) -> int:
-    """The schema version of our file at ``path``; 0 for a new, empty file.
+def identify(path: str) -> bool:
+    """Whether ``path`` is a new (missing or empty) file; raises unless it is ours.
 
     Reads the 100-byte SQLite header itself, and the table list through a
     connection that can neither write nor create ``-wal``/``-shm`` files, so
@@ -236,7 +236,7 @@ def identify(path: str) -> int:
     as they were.
     """
     if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return 0
+        return True
     try:
         with open(path, 'rb') as f:
             header = f.read(100)
@@ -247,16 +247,18 @@ def identify(path: str) -> int:
         raise DatabaseError(
             f'{path!r} is not a usable SQLite database (no SQLite header); it was left '
             f'as it was')
+    # The header may lag behind the -wal; application_id is written before the
+    # file turns to WAL, so it is always here; the version is read later.
     version, app_id = struct.unpack('>i4xi', header[60:72])
     if app_id == APPLICATION_ID:
-        return _supported(path, version)
+        return False
     if app_id != 0:
         raise _foreign(path, app_id, version, None)
     tables = _tables(path)
     if not tables and version == 0:
-        return 0   # an empty SQLite file: ours to set up
-    if 'kombu_message' in tables and tables <= _OUR_TABLES and version >= 1:
-        return _supported(path, version)   # ours, from before application_id was set
+        return True   # an empty SQLite file: ours to set up
+    if 'kombu_message' in tables and tables <= _OUR_TABLES:
+        return False   # ours, from before application_id was set
     raise _foreign(path, app_id, version, tables)
 
 
@@ -338,8 +340,8 @@ def connect(path: str, busy_timeout: float, synchronous: str,
         conn.execute('PRAGMA journal_mode=WAL').fetchone()
     except sqlite3.DatabaseError as exc:
         conn.close()
-        if isinstance(exc, sqlite3.OperationalError) and 'locked' in str(exc):
-            raise  # busy, not broken: the caller retries
+        if isinstance(exc, sqlite3.OperationalError):
+            raise  # busy, full, I/O: not broken; classified and retried by the caller
         raise DatabaseError(f'{path!r} is not a usable SQLite database: {exc}') from exc
     conn.execute(f'PRAGMA synchronous={synchronous}')
     conn.execute(f'PRAGMA busy_timeout={int(busy_timeout * 1000)}')
@@ -353,11 +355,8 @@ def connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
     """A connection that cannot write: for commands that only look."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no queue database at {path!r}')
-    version = identify(path)
-    if version != SCHEMA_VERSION:
-        raise DatabaseError(
-            f'{path!r} has schema version {version}; a read-only command does not '
-            f'migrate it: start a worker (or open it once with the transport) first')
+    if identify(path):
+        raise DatabaseError(f'{path!r} is empty: no kombu-sqlite broker has used it yet')
     # With no -wal beside it the file is complete and nobody writes it: read
     # it as immutable, which creates no -wal or -shm either.
     immutable = '' if os.path.exists(path + '-wal') else '&immutable=1'
@@ -365,11 +364,18 @@ def connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
                            timeout=busy_timeout, isolation_level=None,
                            check_same_thread=False)
     conn.execute(f'PRAGMA busy_timeout={int(busy_timeout * 1000)}')
+    version = conn.execute('PRAGMA user_version').fetchone()[0]
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise DatabaseError(
+            f'{path!r} has schema version {version}; a read-only command does not '
+            f'migrate it: start a worker (or open it once with the transport) first')
     return conn
 
 
-def ensure_schema(conn: sqlite3.Connection, path: str, version: int) -> None:
+def ensure_schema(conn: sqlite3.Connection, path: str) -> None:
     """Create or migrate the schema, under a write lock so processes agree."""
+    version = _supported(path, conn.execute('PRAGMA user_version').fetchone()[0])
     if version == SCHEMA_VERSION and conn.execute(
             'PRAGMA application_id').fetchone()[0] == APPLICATION_ID:
         return

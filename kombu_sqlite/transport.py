@@ -484,7 +484,8 @@ class Channel(virtual.Channel):
         now = time.monotonic()
         if now - self._unavailable_logged >= 10:
             self._unavailable_logged = now
-            logger.warning('kombu-sqlite: cannot claim messages just now, will retry: %s', exc)
+            logger.warning('kombu-sqlite: the queue database cannot be written just now; '
+                           'will retry: %s', exc)
 
     def _get(self, queue, timeout=None):
         messages = self._claim(queue, 1)
@@ -511,12 +512,22 @@ class Channel(virtual.Channel):
             # in that claim's transaction, so a window of messages costs one
             # write lock instead of one per message.  Until then the row stays
             # leased to us; the housekeeper settles acks that wait longer.
-            with self._held_acks_lock:
-                self._held_acks.append(delivery_tag)
+            self._hold_ack(delivery_tag)
         else:
-            late = self.store.ack_many([delivery_tag], self.connection.owner)
-            self._settled([delivery_tag], late, 'ack')
+            try:
+                late = self.store.ack_many([delivery_tag], self.connection.owner)
+            except DatabaseUnavailable as exc:
+                # Full disk, lock held: keep the ack (the lease is renewed
+                # meanwhile) and write it when the file is usable again.
+                self._log_unavailable(exc)
+                self._hold_ack(delivery_tag)
+            else:
+                self._settled([delivery_tag], late, 'ack')
         super().basic_ack(delivery_tag)
+
+    def _hold_ack(self, delivery_tag):
+        with self._held_acks_lock:
+            self._held_acks.append(delivery_tag)
 
     @contextmanager
     def _held_acks_taken(self):

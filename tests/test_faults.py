@@ -288,3 +288,25 @@ def test_full_disk_keeps_the_celery_worker_up_and_it_recovers_by_itself(
     assert [m.split()[0] for m in celery_env.marks_of('before')].count('start') == 2
     q = stats(url, 'celery')
     assert (q['ready'], q['leased']) == (0, 0), q
+
+
+def test_acks_written_one_by_one_wait_out_a_full_disk(small_fs):
+    url = f'sqlite:///{small_fs}/broker.db'
+    with Connection(url, transport_options={'housekeeping_interval': 0.2,
+                                            'batch_acks': False}) as conn:
+        for i in range(5):
+            conn.Producer().publish(i, routing_key='q', declare=[Queue('q')])
+        channel = conn.channel()
+        messages = [channel.basic_get('q') for _ in range(5)]
+        filler = fill(small_fs)
+        try:
+            for message in messages:
+                message.ack()                  # no error: kept until it can be written
+            time.sleep(1)
+            for read_only in (True, False):                  # opening and reading work
+                with Broker(url, read_only=read_only) as broker:
+                    assert broker.stats()['q']['leased'] == 5
+        finally:
+            filler.unlink()
+        wait_for(lambda: stats(url, 'q')['leased'] == 0, 10, what='the held acks to land')
+        assert stats(url, 'q')['ready'] == 0
