@@ -38,6 +38,7 @@ class Housekeeper:
         options = transport.options
         store = transport.store
         next_renewal = 0.0
+        last_warning = (None, 0.0)   # (text, when): a full disk is said every 10 s, not every tick
         tick = min(options.housekeeping_interval, options.lease_renew_interval)
         while not self._stop.wait(tick):
             try:
@@ -53,4 +54,7 @@ class Housekeeper:
                 store.sweep()
                 store.flush_counters()
             except Exception as exc:  # keep renewing through transient errors
-                logger.warning('kombu-sqlite housekeeping failed: %s', exc)
+                text = str(exc)
+                if text != last_warning[0] or time.monotonic() - last_warning[1] >= 10:
+                    logger.warning('kombu-sqlite housekeeping failed: %s', text)
+                    last_warning = (text, time.monotonic())

@@ -251,6 +251,7 @@ class Channel(virtual.Channel):
         self.consumed_queues = set()  # read by the housekeeper (x-expires)
         self._claimed = {}            # delivery tag -> queue, until settled
         self._held_acks = []          # acked ids not yet deleted; see basic_ack
+        self._held_rejects = []       # (id, requeue) kept waiting by a full disk
         self._held_acks_lock = threading.Lock()
         self._unavailable_logged = 0.0
 
@@ -542,11 +543,18 @@ class Channel(virtual.Channel):
             raise
 
     def settle_held_acks(self):
-        """Delete the rows of messages acked since the last claim."""
-        if self._held_acks and os.getpid() == self._pid:
+        """Delete the rows of messages acked since the last claim, and do the
+        rejects a full disk or a held lock kept waiting."""
+        if os.getpid() != self._pid:
+            return
+        if self._held_acks:
             with self._held_acks_taken() as tags:
                 late = self.store.ack_many(tags, self.connection.owner)
             self._settled(tags, late, 'ack')
+        while self._held_rejects:
+            self._reject(*self._held_rejects[0])
+            with self._held_acks_lock:
+                self._held_rejects.pop(0)
 
     def _settled(self, tags, late, what):
         """Forget settled tags; count and report settles of a lost lease."""
@@ -570,13 +578,24 @@ class Channel(virtual.Channel):
         super().close()
 
     def basic_reject(self, delivery_tag, requeue=False):
+        if os.getpid() == self._pid:
+            try:
+                self._reject(delivery_tag, requeue)
+            except DatabaseUnavailable as exc:
+                # Full disk, lock held: the lease is renewed meanwhile; the
+                # housekeeper retries through settle_held_acks.
+                self._log_unavailable(exc)
+                with self._held_acks_lock:
+                    self._held_rejects.append((delivery_tag, requeue))
+        self.qos.reject(delivery_tag, requeue=False)
+
+    def _reject(self, delivery_tag, requeue):
         if requeue:
             self._release([delivery_tag])
-        elif os.getpid() == self._pid:
+        else:
             queue = self._claimed.get(delivery_tag) or ''
             done = self.store.reject(delivery_tag, self.connection.owner, queue)
             self._settled([delivery_tag], [] if done else [delivery_tag], 'reject')
-        self.qos.reject(delivery_tag, requeue=False)
 
     def _restore(self, message):
         self._release([message.delivery_tag])

@@ -310,3 +310,24 @@ def test_acks_written_one_by_one_wait_out_a_full_disk(small_fs):
             filler.unlink()
         wait_for(lambda: stats(url, 'q')['leased'] == 0, 10, what='the held acks to land')
         assert stats(url, 'q')['ready'] == 0
+
+
+def test_reject_and_requeue_wait_out_a_full_disk(small_fs):
+    url = f'sqlite:///{small_fs}/broker.db'
+    with Connection(url, transport_options={'housekeeping_interval': 0.2}) as conn:
+        for body in ('to reject', 'to requeue'):
+            conn.Producer().publish(body, routing_key='q', declare=[Queue('q')])
+        channel = conn.channel()
+        rejected, requeued = channel.basic_get('q'), channel.basic_get('q')
+        filler = fill(small_fs)
+        try:
+            rejected.reject(requeue=False)     # no error: done when space returns
+            requeued.requeue()
+            time.sleep(1)
+            with Broker(url, read_only=True) as broker:
+                assert broker.stats()['q']['leased'] == 2
+        finally:
+            filler.unlink()
+        wait_for(lambda: (stats(url, 'q')['dead'], stats(url, 'q')['ready']) == (1, 1), 10,
+                 what='the held reject and requeue to land')
+        assert conn.channel().basic_get('q').payload == 'to requeue'
