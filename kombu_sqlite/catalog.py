@@ -139,40 +139,21 @@ class Catalog:
     def restart_expiry_clocks(self, conn, monotonic: float) -> None:
         conn.execute('UPDATE kombu_queue SET last_used_at = ?', (monotonic,))
 
-    @retry_busy
-    def delete_queue(self, name: str) -> int:
-        """Drop a queue with its messages and bindings; returns messages dropped."""
-        with self.db.transaction() as conn:
-            return self._delete_queue(conn, name)
-
-    def _delete_queue(self, conn, name: str) -> int:
-        dropped = conn.execute(
-            'DELETE FROM kombu_message WHERE queue = ? AND lease_expires_at IS NULL',
-            (name,)).rowcount
-        dropped += conn.execute(
-            'DELETE FROM kombu_message WHERE lease_expires_at IS NOT NULL AND queue = ?',
-            (name,)).rowcount
+    def forget_queue(self, conn, name: str) -> None:
+        """Drop a queue's own rows (its messages go first: Store.delete_queue)."""
         conn.execute('DELETE FROM kombu_fair WHERE queue = ?', (name,))
         conn.execute('DELETE FROM kombu_binding WHERE queue = ?', (name,))
         conn.execute('DELETE FROM kombu_queue WHERE name = ?', (name,))
-        return dropped
 
+    #: Queues unused for longer than their x-expires; ``last_used_at`` and the
+    #: parameter are CLOCK_MONOTONIC seconds, immune to clock steps.
     EXPIRED_QUEUES = """
         SELECT name FROM kombu_queue
          WHERE expires IS NOT NULL AND last_used_at + expires <= ?
     """
 
-    @retry_busy
-    def sweep_expired_queues(self, now: float) -> list[str]:
-        """Delete queues unused for longer than their x-expires; ``now`` and
-        ``last_used_at`` are CLOCK_MONOTONIC seconds, immune to clock steps."""
-        if not self.db.conn.execute(self.EXPIRED_QUEUES + ' LIMIT 1', (now,)).fetchone():
-            return []
-        with self.db.transaction() as conn:
-            names = [r[0] for r in conn.execute(self.EXPIRED_QUEUES, (now,))]
-            for name in names:
-                self._delete_queue(conn, name)
-        return names
+    def expired_queues(self, conn, monotonic: float) -> list[str]:
+        return [r[0] for r in conn.execute(self.EXPIRED_QUEUES, (monotonic,))]
 
     # -- exchanges and bindings -------------------------------------------
 

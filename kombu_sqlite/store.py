@@ -543,13 +543,34 @@ class Store:
             counts[queue, 'delayed_due'] += 1
         for (queue,) in conn.execute(EXPIRE_MESSAGES, (wall,)).fetchall():
             counts[queue, 'expired'] += 1
-        queues = self.catalog.sweep_expired_queues(monotonic)
+        queues = self._sweep_expired_queues(monotonic)
         self.bump(counts)
         conn.execute('DELETE FROM kombu_counter_recent WHERE bucket < ?',
                      (int((wall - 3600) // BUCKET_SECONDS),))
         return {'leases_expired': sum(n for (_, k), n in counts.items() if k == 'lease_expired'),
                 'messages_expired': sum(n for (_, k), n in counts.items() if k == 'expired'),
                 'queues_expired': queues}
+
+    def _sweep_expired_queues(self, monotonic: float) -> list[str]:
+        """Delete queues unused for longer than their x-expires, with their messages."""
+        if not self.catalog.expired_queues(self.db.conn, monotonic):
+            return []
+        with self.db.transaction() as conn:
+            names = self.catalog.expired_queues(conn, monotonic)
+            for name in names:
+                self._delete_queue(conn, name)
+        return names
+
+    @retry_busy
+    def delete_queue(self, name: str) -> int:
+        """Drop a queue with its messages and bindings; returns messages dropped."""
+        with self.db.transaction() as conn:
+            return self._delete_queue(conn, name)
+
+    def _delete_queue(self, conn, name: str) -> int:
+        dropped = conn.execute('DELETE FROM kombu_message WHERE queue = ?', (name,)).rowcount
+        self.catalog.forget_queue(conn, name)
+        return dropped
 
     @retry_busy
     def adopt_boot(self) -> None:

@@ -288,7 +288,7 @@ class Channel(virtual.Channel):
             return
         self._auto_delete_queues.discard(queue)
         self.state.queue_bindings_delete(queue)
-        return self.catalog.delete_queue(queue)
+        return self.store.delete_queue(queue)
 
     def exchange_declare(self, exchange=None, type='direct', durable=False,
                          auto_delete=False, arguments=None, nowait=False,
@@ -620,7 +620,7 @@ class Channel(virtual.Channel):
         return self.store.purge(queue)
 
     def _delete(self, queue, *args, **kwargs):
-        self.catalog.delete_queue(queue)
+        self.store.delete_queue(queue)
 
 
 class Transport(virtual.Transport):
