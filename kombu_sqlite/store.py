@@ -371,10 +371,7 @@ class Store:
         for r in rows:
             try:
                 message = loads(r[5])
-                if not isinstance(message, dict) or not isinstance(
-                        message.get('properties'), dict):
-                    raise ValueError('the stored message is not a kombu message dict')
-                message['properties'].setdefault('delivery_info', {})
+                _check_shape(message)
             except Exception as exc:  # poison: it alone goes to the dead letters
                 reason = f'undecodable: {type(exc).__name__}: {exc}'
                 logger.error('kombu-sqlite: message %s in queue %r cannot be decoded (%s); '
@@ -757,6 +754,18 @@ class _Full(Exception):
 
     def __init__(self, queue, max_length, overflow):
         self.queue, self.max_length, self.overflow = queue, max_length, overflow
+
+
+def _check_shape(message) -> None:
+    """Raise ValueError unless ``message`` has the shape kombu delivers."""
+    props = message.get('properties') if isinstance(message, dict) else None
+    if not isinstance(props, dict):
+        raise ValueError('the stored message is not a kombu message (no properties)')
+    info = props.setdefault('delivery_info', {})
+    if not isinstance(info, dict):
+        raise ValueError(f'delivery_info is {type(info).__name__}, not a mapping')
+    if not isinstance(message.get('headers') or {}, dict):
+        raise ValueError(f'headers are {type(message["headers"]).__name__}, not a mapping')
 
 
 def boot_id() -> str:

@@ -67,6 +67,39 @@ def test_undecodable_message_is_dead_lettered_alone_and_its_batch_is_delivered(d
         assert q['ready'] == q['leased'] == 0 and q['dead'] == 1
 
 
+@pytest.mark.parametrize('stored', [
+    '{"properties": "not a mapping", "body": ""}', '[1, 2, 3]', 'not json at all',
+    '{"properties": {"delivery_info": 7}, "headers": {}, "body": ""}',
+    '{"properties": {"delivery_info": {}, "body_encoding": "base64"}, "headers": {}, '
+    '"body": "%%% not base64"}',
+])
+def test_stored_messages_of_the_wrong_shape_are_dead_lettered_alone(db_url, stored):
+    with Connection(db_url) as conn:
+        for i in range(3):
+            conn.Producer().publish(i, routing_key='q', declare=[Queue('q')])
+        # What a bad writer, a bug or a hand edit could leave in the file.
+        conn.transport.store.conn.execute(
+            'UPDATE kombu_message SET payload = ? WHERE id = (SELECT min(id) + 1 '
+            'FROM kombu_message)', (stored,))
+        got = []
+
+        def on_message(body, message):
+            got.append(body)
+            message.ack()
+
+        with Consumer(conn, [Queue('q')], callbacks=[on_message], prefetch_count=10):
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=1)
+                except socket.timeout:
+                    pass
+    assert got == [0, 2]
+    with Broker(db_url) as broker:
+        (dead,) = broker.dead_letters('q')
+        assert dead['reason'].startswith('undecodable')
+
+
 @pytest.mark.parametrize('pool', ['prefork', 'threads', 'solo'])
 def test_poison_message_does_not_stop_a_celery_worker(celery_env, pool):
     app = celery_env.configure()

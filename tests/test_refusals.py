@@ -226,3 +226,18 @@ def test_a_script_that_exits_normally_has_its_publishes_counted(db_url):
     subprocess.run([sys.executable, '-c', code], check=True, timeout=60)
     with Broker(db_url) as broker:
         assert broker.stats()['q']['counters']['published'] == 3
+
+
+@pytest.mark.parametrize('option,value', [
+    ('visibility_timeout', 'soon'), ('visibility_timeout', math.inf), ('max_claim', 0),
+    ('synchronous', 'sometimes'), ('wakeup', 'telepathy'), ('batch_acks', 'maybe')])
+def test_bad_transport_options_are_refused_naming_the_option(db_url, option, value):
+    with pytest.raises(ValueError, match=f'transport option {option}='):
+        Connection(db_url, transport_options={option: value}).connect()
+
+
+def test_options_of_other_transports_are_ignored(db_url):
+    options = {'priority_steps': list(range(10)), 'sep': ':', 'visibility_timeout': 5}
+    with Connection(db_url, transport_options=options) as conn:
+        conn.Producer().publish('m', routing_key='q', declare=[Queue('q')])
+        assert conn.transport.options.visibility_timeout == 5.0
