@@ -33,6 +33,24 @@ def events(procs, proc):
     return [json.loads(line) for line in procs.log(proc).splitlines() if line.startswith('{')]
 
 
+def consume(conn, count, timeout=20):
+    """Bodies of up to ``count`` messages of queue q, acked, in delivery order."""
+    got = []
+
+    def on_message(body, message):
+        got.append(body)
+        message.ack()
+
+    with Consumer(conn, [Queue('q')], callbacks=[on_message], prefetch_count=10):
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=1)
+            except socket.timeout:
+                pass
+    return got
+
+
 def stats(url, queue):
     with Broker(url) as broker:
         return broker.stats().get(queue)
@@ -46,19 +64,7 @@ def test_undecodable_message_is_dead_lettered_alone_and_its_batch_is_delivered(d
         for i in range(10):
             producer.publish({'i': i}, routing_key='q', declare=[Queue('q')],
                              headers=POISON_HEADERS if i == 3 else {})
-        got = []
-
-        def on_message(body, message):
-            got.append(body['i'])
-            message.ack()
-
-        with Consumer(conn, [Queue('q')], callbacks=[on_message], prefetch_count=10):
-            deadline = time.monotonic() + 20
-            while len(got) < 9 and time.monotonic() < deadline:
-                try:
-                    conn.drain_events(timeout=1)
-                except socket.timeout:
-                    pass
+        got = [body['i'] for body in consume(conn, 9)]
     assert got == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     with Broker(db_url) as broker:
         (dead,) = broker.dead_letters('q')
@@ -81,20 +87,7 @@ def test_stored_messages_of_the_wrong_shape_are_dead_lettered_alone(db_url, stor
         conn.transport.store.conn.execute(
             'UPDATE kombu_message SET payload = ? WHERE id = (SELECT min(id) + 1 '
             'FROM kombu_message)', (stored,))
-        got = []
-
-        def on_message(body, message):
-            got.append(body)
-            message.ack()
-
-        with Consumer(conn, [Queue('q')], callbacks=[on_message], prefetch_count=10):
-            deadline = time.monotonic() + 10
-            while len(got) < 2 and time.monotonic() < deadline:
-                try:
-                    conn.drain_events(timeout=1)
-                except socket.timeout:
-                    pass
-    assert got == [0, 2]
+        assert consume(conn, 2, timeout=10) == [0, 2]
     with Broker(db_url) as broker:
         (dead,) = broker.dead_letters('q')
         assert dead['reason'].startswith('undecodable')
