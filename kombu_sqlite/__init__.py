@@ -8,9 +8,11 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from . import schema
 from .broker import Broker
-from .errors import DatabaseError, QueueFull
+from .errors import (DatabaseCorrupt, DatabaseError, DatabaseFull, DatabaseLocked,
+                     DatabaseUnavailable, ForeignDatabase, QueueFull)
 
-__all__ = ['Broker', 'DatabaseError', 'QueueFull', 'TRANSPORT']
+__all__ = ['Broker', 'DatabaseCorrupt', 'DatabaseError', 'DatabaseFull', 'DatabaseLocked',
+           'DatabaseUnavailable', 'ForeignDatabase', 'QueueFull', 'TRANSPORT']
 __version__ = '0.1.0'
 
 TRANSPORT = 'kombu_sqlite.transport:Transport'

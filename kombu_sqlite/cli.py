@@ -95,8 +95,8 @@ def friendly(command):
     return wrapper
 
 
-def open_broker(url: str) -> Broker:
-    return Broker(url, create=False)
+def open_broker(url: str, read_only: bool = False) -> Broker:
+    return Broker(url, create=False, read_only=read_only)
 
 
 def emit_json(data):
@@ -123,7 +123,7 @@ def main():
 @friendly
 def stats(url, as_json):
     """Per queue: ready by priority, delayed, leased (by whom), dead, oldest age, last minute."""
-    with open_broker(url) as broker:
+    with open_broker(url, read_only=True) as broker:
         data = broker.stats()
     if as_json:
         return emit_json(data)
@@ -152,7 +152,7 @@ def stats(url, as_json):
 @friendly
 def peek(url, queue, count, body, as_json):
     """The next messages of QUEUE in delivery order, without taking them."""
-    with open_broker(url) as broker:
+    with open_broker(url, read_only=True) as broker:
         broker.require_queue(queue)
         items = broker.peek(queue, count, body=body)
     if as_json:

@@ -35,19 +35,26 @@ class Housekeeper:
 
     def _run(self):
         transport = self.transport
+        options = transport.options
         store = transport.store
         next_renewal = 0.0
-        tick = min(transport.housekeeping_interval, transport.lease_renew_interval)
+        last_warning = (None, 0.0)   # (text, when): a full disk is said every 10 s, not every tick
+        tick = min(options.housekeeping_interval, options.lease_renew_interval)
         while not self._stop.wait(tick):
             try:
-                now = time.time()
+                now = time.monotonic()   # leases are on the monotonic clock
                 if now >= next_renewal:
-                    store.renew(transport.owner, now + transport.visibility_timeout)
-                    next_renewal = now + transport.lease_renew_interval
-                for channel in list(transport.channels):
+                    store.renew(transport.owner, now + options.visibility_timeout)
+                    next_renewal = now + options.lease_renew_interval
+                channels = list(transport.channels)
+                for channel in channels:
                     channel.settle_held_acks()
-                store.touch_queues(list(transport._callbacks))
-                store.sweep(now)
+                store.catalog.touch_queues(
+                    {q for channel in channels for q in channel.consumed_queues})
+                store.sweep()
                 store.flush_counters()
             except Exception as exc:  # keep renewing through transient errors
-                logger.warning('kombu-sqlite housekeeping failed: %s', exc)
+                text = str(exc)
+                if text != last_warning[0] or time.monotonic() - last_warning[1] >= 10:
+                    logger.warning('kombu-sqlite housekeeping failed: %s', text)
+                    last_warning = (text, time.monotonic())

@@ -6,14 +6,16 @@ an older file migrates it in place, a newer one is refused.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import stat
-from urllib.parse import unquote
+import struct
+from urllib.parse import quote, unquote
 
-from .errors import DatabaseError
+from .errors import DatabaseError, DatabaseUnavailable, ForeignDatabase, UnusableURL
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Statements that build schema version 1 from an empty file.
 SCHEMA_V1 = (
@@ -143,73 +145,204 @@ SCHEMA_V3 = (
     """,
 )
 
+#: Version 4: leases and queue expiry on CLOCK_MONOTONIC, valid for one boot.
+#: ``boot_id`` names the boot whose monotonic clock the deadlines use; a file
+#: first opened in a new boot has its leases released (see Store.adopt_boot).
+SCHEMA_V4 = (
+    """
+    CREATE TABLE kombu_meta (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID
+    """,
+)
+
 #: version -> statements that take a file from version-1 to version.
-MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
 
 
 def path_from_url(url: str) -> str:
     """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``."""
     scheme, sep, rest = url.partition('://')
     if not sep or scheme.lower() != 'sqlite':
-        raise ValueError(
+        raise UnusableURL(
             f'malformed broker URL {url!r}: expected sqlite:///relative/path.db '
             f'or sqlite:////absolute/path.db')
     if not rest.startswith('/'):
-        raise ValueError(
+        raise UnusableURL(
             f'malformed broker URL {url!r}: the path must follow three slashes '
             f'(sqlite:///queue.db) and a host is not allowed')
     path = unquote(rest[1:].split('?', 1)[0])
     if not path or path.endswith('/'):
-        raise ValueError(f'malformed broker URL {url!r}: no database file named')
+        raise UnusableURL(
+            f'malformed broker URL {url!r}: no database file named (a directory?); '
+            f'add a file name, e.g. sqlite:///{path or "./"}queue.db')
     if path == ':memory:':
-        raise ValueError(
+        raise UnusableURL(
             f'broker URL {url!r}: an in-memory database cannot be shared '
             f'between processes; name a file')
     return path
 
 
+#: ``PRAGMA application_id`` of a kombu-sqlite broker file ("KSQL"): how a
+#: file is recognised as ours before anything writes to it.
+APPLICATION_ID = 0x4B53514C
+
+#: Tables of schema version 1-3 files, made before application_id was set.
+_OUR_TABLES = {'kombu_message', 'kombu_queue', 'kombu_exchange', 'kombu_binding',
+               'kombu_counter', 'kombu_dead_letter', 'kombu_fair', 'kombu_counter_recent',
+               'kombu_meta', 'sqlite_sequence', 'sqlite_stat1', 'sqlite_stat4'}
+
+logger = logging.getLogger(__name__)
+
+
 def prepare_directory(path: str) -> None:
-    """Create a missing directory 0700 and check the file can be written."""
+    """Create missing directories 0700 (each one) and check the file can be written."""
+    if os.path.isdir(path):
+        raise DatabaseUnavailable(
+            f'the broker URL names {path!r}, which is a directory; name a file in '
+            f'it, e.g. sqlite:///{os.path.join(path, "queue.db")}')
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
+    missing = []
+    while not os.path.isdir(directory) and directory != os.path.dirname(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for name in reversed(missing):
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.mkdir(name, 0o700)
+            os.chmod(name, 0o700)   # whatever the umask
+        except FileExistsError:
+            pass
         except OSError as exc:
-            raise DatabaseError(
-                f'cannot create the directory {directory!r} for the queue '
+            raise DatabaseUnavailable(
+                f'cannot create the directory {name!r} for the queue '
                 f'database: {exc.strerror}') from exc
+    directory = os.path.dirname(os.path.abspath(path))
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise DatabaseError(
+        raise DatabaseUnavailable(
             f'the directory {directory!r} is not writable; SQLite needs to '
             f'create {os.path.basename(path)}-wal and -shm files beside the '
             f'database')
     if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
-        raise DatabaseError(f'the queue database {path!r} is not writable')
+        raise DatabaseUnavailable(f'the queue database {path!r} is not writable')
+
+
+def identify(path: str) -> bool:
+    """Whether ``path`` is a new (missing or empty) file; raises unless it is ours.
+
+    Reads the 100-byte SQLite header itself, and the table list through a
+    connection that can neither write nor create ``-wal``/``-shm`` files, so
+    a file that is not ours is refused leaving it and its directory exactly
+    as they were.
+    """
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return True
+    try:
+        with open(path, 'rb') as f:
+            header = f.read(100)
+    except OSError as exc:
+        raise DatabaseUnavailable(
+            f'cannot read the queue database {path!r}: {exc.strerror}') from exc
+    if len(header) < 100 or not header.startswith(b'SQLite format 3\0'):
+        raise DatabaseError(
+            f'{path!r} is not a usable SQLite database (no SQLite header); it was left '
+            f'as it was')
+    # The header may lag behind the -wal; application_id is written before the
+    # file turns to WAL, so it is always here; the version is read later.
+    version, app_id = struct.unpack('>i4xi', header[60:72])
+    if app_id == APPLICATION_ID:
+        return False
+    if app_id != 0:
+        raise _foreign(path, app_id, version, None)
+    tables = _tables(path)
+    if not tables and version == 0:
+        return True   # an empty SQLite file: ours to set up
+    if 'kombu_message' in tables and tables <= _OUR_TABLES:
+        return False   # ours, from before application_id was set
+    raise _foreign(path, app_id, version, tables)
+
+
+def _tables(path: str) -> set:
+    conn = sqlite3.connect(f'{_uri(path)}?mode=ro&immutable=1', uri=True)
+    try:
+        return {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(
+            f'{path!r} is not a usable SQLite database: {exc}; it was left as it was') from exc
+    finally:
+        conn.close()
+
+
+def _uri(path: str) -> str:
+    return 'file:' + quote(os.path.abspath(path))
+
+
+def _foreign(path, app_id, version, tables):
+    shown = '' if tables is None else f', tables: {", ".join(sorted(tables)) or "none"}'
+    return ForeignDatabase(
+        f'{path!r} is an SQLite database of another application (application_id '
+        f'{app_id:#x}, user_version {version}{shown}), not a kombu-sqlite broker; '
+        f'refusing to touch it: point the broker URL at a new file')
+
+
+def _supported(path, version):
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(
+            f'{path!r} has schema version {version}, newer than version '
+            f'{SCHEMA_VERSION} that this kombu-sqlite understands; upgrade '
+            f'kombu-sqlite')
+    return version
+
+
+def create_file(path: str) -> None:
+    """Create a missing database file owner-only, without touching the umask."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DatabaseUnavailable(
+            f'cannot create the queue database {path!r}: {exc.strerror}') from exc
+
+
+def secure_modes(path: str) -> None:
+    """The database, -wal and -shm are 0600: the queue holds people's prompts.
+
+    SQLite creates -wal and -shm with the database's mode; a file restored
+    with plain ``cp`` may be 0644.  Fix it and say so.
+    """
+    for name in (path, path + '-wal', path + '-shm'):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+            if mode & 0o077:
+                os.chmod(name, 0o600)
+                logger.warning('kombu-sqlite: %s had mode %o, readable by other users; '
+                               'set to 0600', name, mode)
+        except OSError:
+            pass
 
 
 def connect(path: str, busy_timeout: float, synchronous: str,
-            max_page_count: int | None = None) -> sqlite3.Connection:
-    """Open one connection (one per thread) in autocommit mode with our PRAGMAs."""
-    # Files are created owner-only: the queue holds people's prompts.
-    old_umask = os.umask(0o077)
+            max_page_count: int | None = None, new_file: bool = False) -> sqlite3.Connection:
+    """Open one connection (one per thread) in autocommit mode with our PRAGMAs.
+
+    Call only on a file :func:`identify` accepted: this one writes.
+    """
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                           check_same_thread=False)
     try:
-        new_file = not os.path.exists(path) or os.path.getsize(path) == 0
-        conn = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None,
-            check_same_thread=False)
-        try:
-            if new_file:
-                # Lets `kombu-sqlite maintain` give free pages back to the disk.
-                conn.execute('PRAGMA auto_vacuum=INCREMENTAL')
-            conn.execute('PRAGMA journal_mode=WAL').fetchone()
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            if isinstance(exc, sqlite3.OperationalError) and 'locked' in str(exc):
-                raise  # busy, not broken: the caller retries
-            raise DatabaseError(
-                f'{path!r} is not a usable SQLite database: {exc}') from exc
-    finally:
-        os.umask(old_umask)
+        if new_file:
+            # Set before WAL so it lands in the file itself; auto_vacuum lets
+            # `kombu-sqlite maintain` give free pages back to the disk.
+            conn.execute('PRAGMA auto_vacuum=INCREMENTAL')   # only before the first write
+            conn.execute(f'PRAGMA application_id={APPLICATION_ID}')
+        conn.execute('PRAGMA journal_mode=WAL').fetchone()
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise  # busy, full, I/O: not broken; classified and retried by the caller
+        raise DatabaseError(f'{path!r} is not a usable SQLite database: {exc}') from exc
     conn.execute(f'PRAGMA synchronous={synchronous}')
     conn.execute(f'PRAGMA busy_timeout={int(busy_timeout * 1000)}')
     conn.execute('PRAGMA foreign_keys=OFF')
@@ -218,45 +351,44 @@ def connect(path: str, busy_timeout: float, synchronous: str,
     return conn
 
 
+def connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """A connection that cannot write: for commands that only look."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no queue database at {path!r}')
+    if identify(path):
+        raise DatabaseError(f'{path!r} is empty: no kombu-sqlite broker has used it yet')
+    # With no -wal beside it the file is complete and nobody writes it: read
+    # it as immutable, which creates no -wal or -shm either.
+    immutable = '' if os.path.exists(path + '-wal') else '&immutable=1'
+    conn = sqlite3.connect(f'{_uri(path)}?mode=ro{immutable}', uri=True,
+                           timeout=busy_timeout, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f'PRAGMA busy_timeout={int(busy_timeout * 1000)}')
+    version = conn.execute('PRAGMA user_version').fetchone()[0]
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise DatabaseError(
+            f'{path!r} has schema version {version}; a read-only command does not '
+            f'migrate it: start a worker (or open it once with the transport) first')
+    return conn
+
+
 def ensure_schema(conn: sqlite3.Connection, path: str) -> None:
     """Create or migrate the schema, under a write lock so processes agree."""
-    version = conn.execute('PRAGMA user_version').fetchone()[0]
-    if version == SCHEMA_VERSION:
+    version = _supported(path, conn.execute('PRAGMA user_version').fetchone()[0])
+    if version == SCHEMA_VERSION and conn.execute(
+            'PRAGMA application_id').fetchone()[0] == APPLICATION_ID:
         return
-    if version > SCHEMA_VERSION:
-        raise DatabaseError(
-            f'{path!r} has schema version {version}, newer than version '
-            f'{SCHEMA_VERSION} that this kombu-sqlite understands; upgrade '
-            f'kombu-sqlite')
     conn.execute('BEGIN IMMEDIATE')
     try:
-        version = conn.execute('PRAGMA user_version').fetchone()[0]
-        if version == 0 and _has_foreign_tables(conn):
-            raise DatabaseError(
-                f'{path!r} is an SQLite database of another application '
-                f'(it has tables but no kombu-sqlite schema); refusing to '
-                f'write to it')
+        version = _supported(path, conn.execute('PRAGMA user_version').fetchone()[0])
         for target in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[target]:
                 conn.execute(statement)
+        conn.execute(f'PRAGMA application_id={APPLICATION_ID}')
         conn.execute(f'PRAGMA user_version={SCHEMA_VERSION}')
         conn.execute('COMMIT')
     except BaseException:
-        conn.execute('ROLLBACK')
+        if conn.in_transaction:
+            conn.execute('ROLLBACK')
         raise
-    _restrict_permissions(path)
-
-
-def _has_foreign_tables(conn: sqlite3.Connection) -> bool:
-    row = conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' "
-        "AND name NOT LIKE 'sqlite_%'").fetchone()
-    return row[0] > 0
-
-
-def _restrict_permissions(path: str) -> None:
-    for name in (path, path + '-wal', path + '-shm'):
-        try:
-            os.chmod(name, stat.S_IRUSR | stat.S_IWUSR)
-        except OSError:
-            pass

@@ -19,7 +19,10 @@ Leases (visibility timeout)
 A delivery claims its rows in one write transaction
 (``BEGIN IMMEDIATE; UPDATE ... WHERE id IN (SELECT ... ORDER BY priority, id
 LIMIT n) RETURNING ...``) and stamps ``lease_expires_at = now +
-visibility_timeout``.  Ack deletes the row; a channel with consumers deletes
+visibility_timeout`` on CLOCK_MONOTONIC, so wall-clock steps neither rerun nor
+delay anything.  Ack, reject and requeue act only on a lease the caller still
+owns; a late one is counted (``late_settles``) and logged.  Messages claimed
+but not yet handed to the application are released as soon as delivery stops.  Ack deletes the row; a channel with consumers deletes
 its acked rows in the transaction of its next claim (at once in its drain
 loop, within ``housekeeping_interval`` otherwise), so a prefetch window costs
 one write lock, and a consumer killed before that gets those messages
@@ -51,8 +54,9 @@ accumulate.  Auto-delete queues are deleted when their last consumer cancels.
 
 Dead letters
 ------------
-A message delivered ``max_deliveries`` times without an ack, or rejected
-without requeue, moves to the ``kombu_dead_letter`` table with its reason,
+A message delivered ``max_deliveries`` times without an ack, rejected without
+requeue, or stored in a form that cannot be decoded (its batch-mates are
+delivered normally), moves to the ``kombu_dead_letter`` table with its reason,
 time and delivery count.  :class:`kombu_sqlite.Broker` lists, requeues and
 purges them; nothing is dropped silently.
 
@@ -91,6 +95,15 @@ An idle consumer blocks on an inotify watch of the ``-wal`` file (Linux) and
 wakes within a millisecond of another process's commit, using no CPU while
 idle; elsewhere it polls ``PRAGMA data_version`` every ``poll_interval``.
 
+Errors
+------
+A full disk, a file locked past ``busy_timeout``, an I/O error or an unusable
+URL raise :class:`kombu_sqlite.errors.DatabaseUnavailable` (a connection
+error: kombu retries and fails over, Celery reconnects; a consumer logs it and
+waits).  A corrupt file, another application's database (recognised by
+``PRAGMA application_id`` before anything is written) or a newer schema raise
+a fatal :class:`kombu_sqlite.DatabaseError` that says what to do.
+
 Connection string
 =================
 
@@ -98,6 +111,7 @@ Connection string
 
     sqlite:///relative/path/queue.db
     sqlite:////absolute/path/queue.db
+    sqlite:////first.db;sqlite:////second.db   (kombu failover)
 
 Queue arguments
 ===============
@@ -144,14 +158,19 @@ Transport options
   the broker until due (default ``True``).
 * ``max_length_block_timeout``: seconds a publish to a full ``'block'`` queue
   waits for room (default ``10``).
-* ``busy_timeout``: seconds a statement waits for another writer before
-  retrying (default ``30``).
+* ``busy_timeout``: seconds a write waits for another writer; past it,
+  ``DatabaseLocked`` names the file (default ``30``).
 * ``max_page_count``: cap the file at this many pages (of 4 KiB), for a
   queue that must not fill the disk; publishing past it fails with a clear
   error and nothing already queued is lost (default: no cap).
 * ``synchronous``: ``'NORMAL'`` (survives process crashes; the last commits
   may roll back on power loss) or ``'FULL'`` (survives power loss, slower)
   (default ``'NORMAL'``).
+* ``batch_acks``: a consuming channel deletes its acked rows in the
+  transaction of its next claim; off, every ack is written at once on its own
+  (default ``True``).
+
+Options are parsed once into :class:`kombu_sqlite.options.Options`.
 """
 from __future__ import annotations
 
@@ -172,7 +191,9 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.scheduling import FairCycle
 
 from . import schema
+from .errors import DatabaseUnavailable
 from .housekeeper import Housekeeper
+from .options import Options
 from .store import ROUTING_RULES, Store
 from .wakeup import Waiter
 
@@ -181,13 +202,22 @@ logger = logging.getLogger(__name__)
 MIN_PRIORITY, MAX_PRIORITY = 0, 255
 
 
-def _option(options, name, default, cast=float):
-    value = options.get(name, default)
-    try:
-        return cast(value)
-    except (TypeError, ValueError):
-        raise ValueError(f'transport option {name}={value!r} is not a valid '
-                         f'{cast.__name__}') from None
+class Undecodable(Exception):
+    """kombu could not build a Message from a delivered payload."""
+
+    def __init__(self, payload, exc):
+        super().__init__(f'{type(exc).__name__}: {exc}')
+        self.payload = payload
+
+
+class Message(virtual.Message):
+    """kombu's Message; a payload it cannot decode is reported as Undecodable."""
+
+    def __init__(self, payload, channel=None, **kwargs):
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+        except Exception as exc:
+            raise Undecodable(payload, exc) from exc
 
 
 class QoS(virtual.QoS):
@@ -206,30 +236,32 @@ class Channel(virtual.Channel):
     """A kombu channel whose queues, bindings and messages live in SQLite."""
 
     QoS = QoS
+    Message = Message
     supports_fanout = True
     min_priority = MIN_PRIORITY
     max_priority = MAX_PRIORITY
-    default_priority = 0
-    visibility_timeout = 60.0
-    max_claim = 100
-
-    from_transport_options = virtual.Channel.from_transport_options + (
-        'default_priority', 'visibility_timeout', 'max_claim')
 
     def __init__(self, connection, **kwargs):
         super().__init__(connection, **kwargs)
-        self.visibility_timeout = float(self.visibility_timeout)
-        self.max_claim = int(self.max_claim)
-        self.default_priority = self._checked_priority(self.default_priority)
+        self.options = connection.options
+        self.default_priority = self._checked_priority(self.options.default_priority)
         self._pid = os.getpid()
         self._noack_queues = set()
         self._auto_delete_queues = set()
-        self._held_acks = []  # acked ids not yet deleted; see basic_ack
+        self.consumed_queues = set()  # read by the housekeeper (x-expires)
+        self._claimed = {}            # delivery tag -> queue, until settled
+        self._held_acks = []          # acked ids not yet deleted; see basic_ack
+        self._held_rejects = []       # (id, requeue) kept waiting by a full disk
         self._held_acks_lock = threading.Lock()
+        self._unavailable_logged = 0.0
 
     @property
     def store(self) -> Store:
         return self.connection.store
+
+    @property
+    def catalog(self):
+        return self.connection.store.catalog
 
     # -- queues, exchanges, bindings -----------------------------------------
 
@@ -244,12 +276,12 @@ class Channel(virtual.Channel):
         return super().queue_declare(queue, passive=passive, **kwargs)
 
     def _new_queue(self, queue, arguments=None, auto_delete=False, **kwargs):
-        self.store.declare_queue(queue, arguments, auto_delete)
+        self.catalog.declare_queue(queue, arguments, auto_delete)
         if auto_delete:
             self._auto_delete_queues.add(queue)
 
     def _has_queue(self, queue, **kwargs):
-        return self.store.has_queue(queue)
+        return self.catalog.has_queue(queue)
 
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
         if if_empty and self._size(queue):
@@ -273,18 +305,18 @@ class Channel(virtual.Channel):
                 f'exchange {exchange!r}: type {type!r} is not supported by the '
                 f'sqlite transport (direct, topic and fanout are)')
         if self.connection.exchange_types.get(exchange) != type:
-            self.store.declare_exchange(exchange, type, arguments)
+            self.catalog.declare_exchange(exchange, type, arguments)
             self.connection.exchange_types[exchange] = type
 
     def exchange_delete(self, exchange, if_unused=False, nowait=False):
-        self.store.delete_exchange(exchange)
+        self.catalog.delete_exchange(exchange)
         self.connection.exchange_types.pop(exchange, None)
 
     def _exchange_type(self, exchange):
         known = self.connection.exchange_types
         type = known.get(exchange)
         if type is None:
-            type = self.store.exchange_type(exchange)
+            type = self.catalog.exchange_type(exchange)
             if type is not None:
                 known[exchange] = type
         return type
@@ -294,22 +326,22 @@ class Channel(virtual.Channel):
 
     def queue_bind(self, queue, exchange=None, routing_key='', arguments=None,
                    **kwargs):
-        self.store.bind(exchange or 'amq.direct', routing_key, queue)
+        self.catalog.bind(exchange or 'amq.direct', routing_key, queue)
 
     def queue_unbind(self, queue, exchange=None, routing_key='', arguments=None,
                      **kwargs):
-        self.store.unbind(exchange or 'amq.direct', routing_key, queue)
+        self.catalog.unbind(exchange or 'amq.direct', routing_key, queue)
 
     def get_table(self, exchange):
         type = self.typeof(exchange)
         return [type.prepare_bind(queue, exchange, rkey, None)
-                for queue, _, rkey in self.store.bindings(exchange)]
+                for queue, _, rkey in self.catalog.bindings(exchange)]
 
     def list_bindings(self):
-        return iter(self.store.bindings())
+        return iter(self.catalog.bindings())
 
     def get_exchanges(self):
-        return self.store.exchange_names()
+        return self.catalog.exchange_names()
 
     # -- publishing ------------------------------------------------------------
 
@@ -326,7 +358,7 @@ class Channel(virtual.Channel):
         try:
             priority = int(value)
             valid = priority == value and MIN_PRIORITY <= priority <= MAX_PRIORITY
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             valid = False
         if not valid or isinstance(value, bool):
             raise ValueError(f'message priority {value!r} is invalid: the sqlite '
@@ -348,7 +380,7 @@ class Channel(virtual.Channel):
 
     def _deliver_at(self, message):
         """When a Celery message with an ETA (countdown, retry backoff) is due."""
-        if not self.connection.native_delayed_delivery:
+        if not self.options.native_delayed_delivery:
             return None
         eta = (message.get('headers') or {}).get('eta')
         if not eta:
@@ -369,6 +401,7 @@ class Channel(virtual.Channel):
     def basic_consume(self, queue, no_ack, *args, **kwargs):
         if no_ack:
             self._noack_queues.add(queue)
+        self.consumed_queues.add(queue)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def basic_cancel(self, consumer_tag):
@@ -376,6 +409,7 @@ class Channel(virtual.Channel):
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
             self._noack_queues.discard(queue)
+            self.consumed_queues.discard(queue)
             if queue in self._auto_delete_queues:
                 self.queue_delete(queue)
         return result
@@ -384,10 +418,12 @@ class Channel(virtual.Channel):
         self._cycle = FairCycle(self._get_bulk, self._active_queues, Empty)
 
     def _claim(self, queue, limit, no_ack=False):
-        now = time.time()
+        lease_until = time.monotonic() + self.options.visibility_timeout
         with self._held_acks_taken() as acks:
-            rows = self.store.claim(queue, self.connection.owner, limit,
-                                    now + self.visibility_timeout, no_ack=no_ack, acks=acks)
+            rows, late = self.store.claim(
+                queue, self.connection.owner, limit, lease_until,
+                no_ack=no_ack, acks=acks)
+        self._settled(acks, late, 'ack')
         messages = []
         for message_id, priority, delivery_count, payload in rows:
             props = payload['properties']
@@ -397,20 +433,60 @@ class Channel(virtual.Channel):
             payload['redelivered'] = redelivered
             props['delivery_info'].update(
                 redelivered=redelivered, delivery_count=delivery_count, queue=queue)
+            if not no_ack:
+                self._claimed[message_id] = queue
             messages.append(payload)
         return messages
 
     def _get_bulk(self, queue, callback, timeout=None):
-        """Claim up to the prefetch budget from ``queue`` and deliver each."""
+        """Claim up to the prefetch budget from ``queue`` and deliver each.
+
+        Messages claimed but not handed to the application (a callback
+        raised, or the consumer was cancelled meanwhile) are released at
+        once, not left leased until the visibility timeout.  A full disk or
+        a locked file is logged and counts as an empty round: the consumer
+        stays up and goes on when the file is usable again.
+        """
         budget = self.qos.can_consume_max_estimate()
-        limit = self.max_claim if budget is None else min(budget, self.max_claim)
+        limit = self.options.max_claim if budget is None else min(budget, self.options.max_claim)
         if limit <= 0:
             raise Empty()
-        messages = self._claim(queue, limit, no_ack=queue in self._noack_queues)
+        no_ack = queue in self._noack_queues
+        try:
+            messages = self._claim(queue, limit, no_ack=no_ack)
+        except DatabaseUnavailable as exc:
+            self._log_unavailable(exc)
+            raise Empty() from None
         if not messages:
             raise Empty()
-        for payload in messages:
-            callback(payload, queue)
+        handed = 0
+        try:
+            for payload in messages:
+                handed += 1
+                try:
+                    callback(payload, queue)
+                except Undecodable as exc:
+                    self._bury(payload, queue, exc, no_ack)
+        finally:
+            rest = [p['properties']['delivery_tag'] for p in messages[handed:]]
+            if rest and not no_ack:
+                self._release_quietly(rest)
+
+    def _bury(self, payload, queue, exc, no_ack):
+        tag = payload['properties']['delivery_tag']
+        reason = f'undecodable: {exc}'
+        logger.error('kombu-sqlite: message %s in queue %r cannot be decoded by kombu (%s); '
+                     'moved to the dead letters', tag, queue, exc)
+        self._claimed.pop(tag, None)
+        self.store.bury(tag, self.connection.owner, queue, reason,
+                        taken=payload if no_ack else None)
+
+    def _log_unavailable(self, exc):
+        now = time.monotonic()
+        if now - self._unavailable_logged >= 10:
+            self._unavailable_logged = now
+            logger.warning('kombu-sqlite: the queue database cannot be written just now; '
+                           'will retry: %s', exc)
 
     def _get(self, queue, timeout=None):
         messages = self._claim(queue, 1)
@@ -427,19 +503,32 @@ class Channel(virtual.Channel):
             self.qos.append(message, message.delivery_tag)
         return message
 
+    # -- settling: ack, reject and requeue act only on a lease we still own -------------
+
     def basic_ack(self, delivery_tag, multiple=False):
         if multiple:
             raise NotImplementedError('multiple acks are not supported')
-        if self._consumers:
+        if self._consumers and self.options.batch_acks:
             # A consumer's drain loop claims again at once: the row is deleted
             # in that claim's transaction, so a window of messages costs one
             # write lock instead of one per message.  Until then the row stays
             # leased to us; the housekeeper settles acks that wait longer.
-            with self._held_acks_lock:
-                self._held_acks.append(delivery_tag)
+            self._hold_ack(delivery_tag)
         else:
-            self.store.ack_many([delivery_tag], self.connection.owner)
+            try:
+                late = self.store.ack_many([delivery_tag], self.connection.owner)
+            except DatabaseUnavailable as exc:
+                # Full disk, lock held: keep the ack (the lease is renewed
+                # meanwhile) and write it when the file is usable again.
+                self._log_unavailable(exc)
+                self._hold_ack(delivery_tag)
+            else:
+                self._settled([delivery_tag], late, 'ack')
         super().basic_ack(delivery_tag)
+
+    def _hold_ack(self, delivery_tag):
+        with self._held_acks_lock:
+            self._held_acks.append(delivery_tag)
 
     @contextmanager
     def _held_acks_taken(self):
@@ -454,10 +543,31 @@ class Channel(virtual.Channel):
             raise
 
     def settle_held_acks(self):
-        """Delete the rows of messages acked since the last claim."""
-        if self._held_acks and os.getpid() == self._pid:
+        """Delete the rows of messages acked since the last claim, and do the
+        rejects a full disk or a held lock kept waiting."""
+        if os.getpid() != self._pid:
+            return
+        if self._held_acks:
             with self._held_acks_taken() as tags:
-                self.store.ack_many(tags, self.connection.owner)
+                late = self.store.ack_many(tags, self.connection.owner)
+            self._settled(tags, late, 'ack')
+        while self._held_rejects:
+            self._reject(*self._held_rejects[0])
+            with self._held_acks_lock:
+                self._held_rejects.pop(0)
+
+    def _settled(self, tags, late, what):
+        """Forget settled tags; count and report settles of a lost lease."""
+        for tag in late:
+            queue = self._claimed.get(tag) or ''
+            self.store.counters[queue, 'late_settles'] += 1
+            logger.warning(
+                'kombu-sqlite: late %s of message %s in queue %r ignored: its lease ran out '
+                '(the consumer was stopped or slower than visibility_timeout=%gs) and the '
+                'message is, or will be, delivered again', what, tag, queue,
+                self.options.visibility_timeout)
+        for tag in tags:
+            self._claimed.pop(tag, None)
 
     def close(self):
         if not self.closed:
@@ -467,16 +577,25 @@ class Channel(virtual.Channel):
                 logger.warning('kombu-sqlite could not settle acks at close: %s', exc)
         super().close()
 
-    def _queue_of(self, delivery_tag):
-        message = self.qos._delivered.get(delivery_tag)
-        return message and message.delivery_info.get('queue')
-
     def basic_reject(self, delivery_tag, requeue=False):
+        if os.getpid() == self._pid:
+            try:
+                self._reject(delivery_tag, requeue)
+            except DatabaseUnavailable as exc:
+                # Full disk, lock held: the lease is renewed meanwhile; the
+                # housekeeper retries through settle_held_acks.
+                self._log_unavailable(exc)
+                with self._held_acks_lock:
+                    self._held_rejects.append((delivery_tag, requeue))
+        self.qos.reject(delivery_tag, requeue=False)
+
+    def _reject(self, delivery_tag, requeue):
         if requeue:
             self._release([delivery_tag])
         else:
-            self.store.reject(delivery_tag, self._queue_of(delivery_tag))
-        self.qos.reject(delivery_tag, requeue=False)
+            queue = self._claimed.get(delivery_tag) or ''
+            done = self.store.reject(delivery_tag, self.connection.owner, queue)
+            self._settled([delivery_tag], [] if done else [delivery_tag], 'reject')
 
     def _restore(self, message):
         self._release([message.delivery_tag])
@@ -485,7 +604,14 @@ class Channel(virtual.Channel):
         # A forked child holds a copy of the parent's unacked state; only the
         # process that claimed the messages may give them back.
         if os.getpid() == self._pid and self.connection is not None:
-            self.store.release(message_ids, self.connection.owner)
+            late = self.store.release(message_ids, self.connection.owner)
+            self._settled(message_ids, late, 'requeue')
+
+    def _release_quietly(self, message_ids):
+        try:
+            self._release(message_ids)
+        except Exception as exc:  # their leases run out: delivered again, not lost
+            logger.warning('kombu-sqlite could not release undelivered messages: %s', exc)
 
     def _size(self, queue):
         return self.store.size(queue)
@@ -512,19 +638,17 @@ class Transport(virtual.Transport):
         exchange_type=frozenset(['direct', 'topic', 'fanout']),
     )
 
+    # A full disk, a file held locked, an I/O error or an unusable URL are
+    # connection errors: kombu retries them and tries the next failover URL,
+    # Celery reconnects.  A corrupt or foreign file is fatal (DatabaseError).
     connection_errors = virtual.Transport.connection_errors + (
-        sqlite3.OperationalError,)
+        DatabaseUnavailable, sqlite3.OperationalError)
     channel_errors = virtual.Transport.channel_errors + (ValueError,)
 
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
-        options = client.transport_options
-        self.visibility_timeout = _option(options, 'visibility_timeout', 60.0)
-        self.lease_renew_interval = _option(
-            options, 'lease_renew_interval', max(self.visibility_timeout / 4, 0.1))
-        self.housekeeping_interval = _option(options, 'housekeeping_interval', 1.0)
-        self.prefetch_wait = _option(options, 'prefetch_wait', 0.005)
-        self.native_delayed_delivery = bool(options.get('native_delayed_delivery', True))
+        self.options = Options.from_transport_options(client.transport_options)
+        self.prefetch_wait = self.options.prefetch_wait
         self.exchange_types = {}
         self._store = None
         self._waiter = None
@@ -535,19 +659,16 @@ class Transport(virtual.Transport):
 
     @property
     def url(self) -> str:
-        return self.client.hostname or ''
+        hostname = self.client.hostname or ''
+        if '://' in hostname:
+            return hostname
+        # kombu's failover (Connection.switch) hands the next URL over parsed.
+        return f'sqlite:///{self.client.virtual_host or ""}'
 
     @property
     def store(self) -> Store:
         if self._store is None:
-            options = self.client.transport_options
-            self._store = Store(
-                schema.path_from_url(self.url),
-                max_deliveries=_option(options, 'max_deliveries', 20, int),
-                max_length_block_timeout=_option(options, 'max_length_block_timeout', 10.0),
-                busy_timeout=_option(options, 'busy_timeout', 30.0),
-                synchronous=options.get('synchronous', 'NORMAL'),
-                max_page_count=options.get('max_page_count'))
+            self._store = Store.open(schema.path_from_url(self.url), self.options)
         return self._store
 
     @property
@@ -566,7 +687,7 @@ class Transport(virtual.Transport):
 
     def close_connection(self, connection):
         if self._housekeeper is not None and self._housekeeper.pid == os.getpid():
-            self._housekeeper.stop(timeout=self.store.busy_timeout + 5)
+            self._housekeeper.stop(timeout=self.options.busy_timeout + 5)
             self._housekeeper = None
         try:
             super().close_connection(connection)
@@ -585,9 +706,7 @@ class Transport(virtual.Transport):
 
     def _get_waiter(self) -> Waiter:
         if self._waiter is None or self._waiter.pid != os.getpid():
-            options = self.client.transport_options
-            self._waiter = Waiter(self.store, options.get('wakeup', 'auto'),
-                                  _option(options, 'poll_interval', 0.002))
+            self._waiter = Waiter(self.store, self.options.wakeup, self.options.poll_interval)
         return self._waiter
 
     def drain_events(self, connection, timeout=None):

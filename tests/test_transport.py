@@ -244,9 +244,9 @@ def test_unused_queue_is_swept_after_x_expires(db_url):
         Queue('ephemeral', Exchange('ev', 'topic'), '#', expires=1)(conn.default_channel).declare()
         conn.Producer().publish('m', exchange='ev', routing_key='a.b')
         store = conn.transport.store
-        assert store.has_queue('ephemeral') and store.size('ephemeral') == 1
-        wait_for(lambda: not store.has_queue('ephemeral'), 5, what='the queue to expire')
-        assert store.bindings('ev') == []
+        assert store.catalog.has_queue('ephemeral') and store.size('ephemeral') == 1
+        wait_for(lambda: not store.catalog.has_queue('ephemeral'), 5, what='the queue to expire')
+        assert store.catalog.bindings('ev') == []
         assert store.conn.execute('SELECT count(*) FROM kombu_message').fetchone()[0] == 0
 
 
@@ -260,7 +260,7 @@ def test_queue_being_consumed_does_not_expire(db_url):
                     conn.drain_events(timeout=0.3)
                 except TimeoutError:
                     pass
-            assert conn.transport.store.has_queue('busy')
+            assert conn.transport.store.catalog.has_queue('busy')
 
 
 def test_auto_delete_queue_goes_when_its_consumer_cancels(db_url):
@@ -268,9 +268,9 @@ def test_auto_delete_queue_goes_when_its_consumer_cancels(db_url):
         queue = Queue('temp', auto_delete=True)
         consumer = Consumer(conn, [queue], callbacks=[])
         consumer.consume()
-        assert conn.transport.store.has_queue('temp')
+        assert conn.transport.store.catalog.has_queue('temp')
         consumer.cancel()
-        assert not conn.transport.store.has_queue('temp')
+        assert not conn.transport.store.catalog.has_queue('temp')
 
 
 # -- bad input --------------------------------------------------------------------------------
