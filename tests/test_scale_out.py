@@ -42,7 +42,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks_fixtures import ROOT, Procs, Sim, free_port, start_redis, to_toml, wait_until
+from tasks_fixtures import (ROOT, Procs, free_port, start_redis, start_simulator, to_toml,
+                            wait_until)
 
 pytest_plugins = ['tasks_fixtures']
 
@@ -223,21 +224,8 @@ class Boxes:
             self.configs[box] = self._config(box)
 
     def _simulator(self, box):
-        port = free_port()
-        proc = self.procs.start(
-            [sys.executable, '-m', 'tasks.simulator', '--port', str(port), '--models',
-             f'{MODEL}=1', '--token-rate', str(TOKEN_RATE), '--tokens', str(RUN_TOKENS)],
-            name=f'simulator-{box}')
-        sim = Sim(f'http://127.0.0.1:{port}', proc)
-
-        def up():
-            assert proc.poll() is None, self.procs.log(proc)
-            try:
-                return httpx.get(f'{sim.url}/api/version', timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-        wait_until(up, 20, f'the simulator of {box}')
-        return sim
+        return start_simulator(self.procs, '--models', f'{MODEL}=1', '--token-rate',
+                               str(TOKEN_RATE), '--tokens', str(RUN_TOKENS))
 
     def _config(self, box) -> Path:
         data = {
@@ -331,7 +319,7 @@ def _submit(user, role, text, **payload):
 @pytest.mark.parametrize('boxes', ['rabbitmq', 'redis'], indirect=True)
 def test_two_boxes_on_a_shared_broker_and_postgresql(boxes):
     import tasks
-    cfg = boxes.use_as_producer()
+    boxes.use_as_producer()
     kept = {}
     admitted, refused = [], 0
 
