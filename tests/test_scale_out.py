@@ -348,6 +348,7 @@ def test_two_boxes_on_a_shared_broker_and_postgresql(boxes):
     boxes.start_worker('box-a')
     boxes.start_worker('box-b')
     rows = boxes.wait_done([t.id for t in admitted], 120)
+    assert_marked_running(rows[t.id] for t in admitted)
     served = sorted((rows[t.id] for t in admitted), key=lambda r: r.started_at)
     assert all(r.status == 'succeeded' for r in served), [(r.role, r.status, r.error)
                                                            for r in served]
@@ -428,6 +429,7 @@ def test_two_boxes_on_a_shared_broker_and_postgresql(boxes):
 
     # 6. The ledger and the report in PostgreSQL account for every request.
     rows = boxes.rows()
+    assert_marked_running(rows.values())
     by_status = {}
     for r in rows.values():
         by_status[r.status] = by_status.get(r.status, 0) + 1
@@ -450,6 +452,14 @@ def test_two_boxes_on_a_shared_broker_and_postgresql(boxes):
     assert kept == documented_table()[boxes.broker], (
         f'docs/scaling-out.md says otherwise for {boxes.broker}: measured {kept}')
     assert _documented_commands() >= set(COMMANDS.values())
+
+
+def assert_marked_running(rows):
+    """Every request that ran says where and when it started (a worker that takes a
+    message before the submitting transaction commits must still record it)."""
+    unmarked = [(r.user_id, r.status, r.attempts, r.worker, r.started_at) for r in rows
+                if r.status == 'succeeded' and not (r.attempts and r.worker and r.started_at)]
+    assert not unmarked, f'ran without being marked running in the ledger: {unmarked}'
 
 
 def _successes_in_result_backend(db_url: str) -> set[str]:
