@@ -42,8 +42,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks_fixtures import (ROOT, Procs, free_port, start_redis, start_simulator, to_toml,
-                            wait_until)
+from tasks_fixtures import ROOT, Procs, free_port, start_redis, start_simulator, wait_until
 
 pytest_plugins = ['tasks_fixtures']
 
@@ -52,6 +51,37 @@ MODEL, QUEUE = 'gpt-oss:20b', 'gpu.gpt-oss'
 RUN_TOKENS, TOKEN_RATE = 24, 24       # one second per request
 LONG_TOKENS = 240                     # ten seconds: long enough to be killed in
 VISIBILITY_TIMEOUT = 20               # above the longest request (Redis runs it again after)
+
+# Each box's configuration file: the same but for [ollama] url.
+BOX_CONFIG = '''\
+broker_url = "{broker_url}"
+result_backend = "db+{db_url}"
+ledger_url = "{db_url}"
+visibility_timeout = {visibility_timeout}
+
+[ollama]
+url = "{ollama_url}"
+stall_timeout = 5
+timeout = 60
+connect_timeout = 2
+
+[retry]
+max_retries = 4
+backoff = 1
+backoff_max = 1
+jitter = false
+
+[spike]
+depth = 8
+resume_depth = 4
+cutoff_role = "executive"
+
+[models]
+"{model}" = {{slots = 1, queue = "{queue}"}}
+
+[request_types]
+transcript = {{model = "{model}", prompt = "Summarise: {{text}}"}}
+'''
 
 # Command lines as docs/scaling-out.md shows them; {placeholders} filled per run.
 COMMANDS = {
@@ -228,20 +258,10 @@ class Boxes:
                                str(TOKEN_RATE), '--tokens', str(RUN_TOKENS))
 
     def _config(self, box) -> Path:
-        data = {
-            'broker_url': self.broker_url,
-            'result_backend': f'db+{self.db_url}',
-            'ledger_url': self.db_url,
-            'visibility_timeout': VISIBILITY_TIMEOUT,
-            'ollama': {'url': self.sims[box].url, 'stall_timeout': 5, 'timeout': 60,
-                       'connect_timeout': 2},
-            'retry': {'max_retries': 4, 'backoff': 1, 'backoff_max': 1, 'jitter': False},
-            'spike': {'depth': 8, 'resume_depth': 4, 'cutoff_role': 'executive'},
-            'models': {MODEL: {'slots': 1, 'queue': QUEUE}},
-            'request_types': {'transcript': {'model': MODEL, 'prompt': 'Summarise: {text}'}},
-        }
         path = self.tmp / f'{box}.toml'
-        path.write_text(to_toml(data))
+        path.write_text(BOX_CONFIG.format(
+            broker_url=self.broker_url, db_url=self.db_url, ollama_url=self.sims[box].url,
+            visibility_timeout=VISIBILITY_TIMEOUT, model=MODEL, queue=QUEUE))
         return path
 
     def env(self, box='box-a'):
