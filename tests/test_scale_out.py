@@ -306,6 +306,16 @@ class Boxes:
         from tasks import ledger
         return {r.task_id: r for r in ledger.rows(self.db_url)}
 
+    def wait_running(self, task_ids, timeout=60):
+        def running():
+            rows = self.rows()
+            return all(rows[t].status == 'running' for t in task_ids) and rows
+        try:
+            return wait_until(running, timeout, f'{len(task_ids)} requests to run at once')
+        except AssertionError:
+            raise AssertionError([(r.user_id, r.status, r.worker, r.attempts, r.error)
+                                  for r in self.rows().values() if r.status != 'rejected'])
+
     def wait_done(self, task_ids, timeout):
         def done():
             rows = self.rows()
@@ -403,14 +413,7 @@ def test_two_boxes_on_a_shared_broker_and_postgresql(boxes):
     long_ = [_submit(f'system-long-{i}', 'system', f'long {i}',
                      options={'num_predict': LONG_TOKENS}) for i in range(2)]
 
-    def both_running():
-        rows = boxes.rows()
-        return all(rows[t.id].status == 'running' for t in long_) and rows
-    try:
-        rows = wait_until(both_running, 60, 'both boxes to run a long request')
-    except AssertionError:
-        raise AssertionError([(r.user_id, r.status, r.worker, r.attempts, r.error)
-                              for r in boxes.rows().values() if r.status != 'rejected'])
+    rows = boxes.wait_running([t.id for t in long_])
     victim = next(t for t in long_ if rows[t.id].worker.startswith('box-a@'))
     killed_at = time.monotonic()
     boxes.kill_worker('box-a')
@@ -432,15 +435,18 @@ def test_two_boxes_on_a_shared_broker_and_postgresql(boxes):
         else 'given back after visibility_timeout')
     print(f'{boxes.broker}: the killed request was given back after {given_back_after:.1f}s')
 
-    # 5. Cancellation (issue 13).
+    # 5. Cancellation (issue 13): one request waiting behind two running ones, and
+    #    one of those two, are cancelled.
     if hasattr(tasks, 'cancel'):
-        queued = _submit('director-1', 'director', 'to be cancelled while queued',
-                         options={'num_predict': 1})
         blockers = [_submit(f'system-block-{i}', 'system', f'block {i}',
-                            options={'num_predict': LONG_TOKENS // 4}) for i in range(2)]
+                            options={'num_predict': LONG_TOKENS // 2}) for i in range(2)]
+        boxes.wait_running([t.id for t in blockers])
+        queued = _submit('director-1', 'director', 'to be cancelled while queued')
         tasks.cancel(queued.id, by_user='director-1')
+        tasks.cancel(blockers[0].id, by_user='system-block-0')
         rows = boxes.wait_done([t.id for t in blockers + [queued]], 90)
         assert rows[queued.id].status == 'cancelled' and rows[queued.id].started_at is None
+        assert [rows[t.id].status for t in blockers] == ['cancelled', 'succeeded']
         admitted += blockers + [queued]
         kept['cancellation'] = 'kept'
     else:
