@@ -2,8 +2,12 @@
 
 ``import kombu_sqlite`` registers the ``sqlite://`` URL scheme with kombu, so
 ``broker_url = "sqlite:///queue.db"`` works in any Celery project.  See
-:mod:`kombu_sqlite.transport` for features and transport options.
+:mod:`kombu_sqlite.transport` for features and transport options.  Under
+``celery flower`` it also gives Flower's Broker page the sqlite queues
+(:mod:`kombu_sqlite.flower`).
 """
+import sys
+
 from kombu.transport import TRANSPORT_ALIASES
 
 from . import schema
@@ -17,3 +21,7 @@ __version__ = '0.1.0'
 
 TRANSPORT = 'kombu_sqlite.transport:Transport'
 TRANSPORT_ALIASES.setdefault('sqlite', TRANSPORT)
+
+if 'flower' in sys.modules:  # running inside Flower: show our queues on its Broker page
+    from . import flower as _flower
+    _flower.install()
