@@ -20,7 +20,6 @@ from .app import app, current
 from .ollama import Ollama, OllamaError, OllamaUnavailable
 
 logger = logging.getLogger(__name__)
-_cfg = current()  # tasks are built once per process, with the config it started with
 
 
 def ollama() -> Ollama:
@@ -29,24 +28,39 @@ def ollama() -> Ollama:
                   stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
 
 
-RETRY = dict(autoretry_for=(OllamaUnavailable,), retry_backoff=_cfg.retry_backoff,
-             retry_backoff_max=_cfg.retry_backoff_max, retry_jitter=_cfg.retry_jitter,
-             max_retries=_cfg.max_retries)
+def backoff(cfg, retries: int) -> float:
+    """Seconds before retry number ``retries + 1``, from ``[retry]``."""
+    return get_exponential_backoff_interval(
+        factor=cfg.retry_backoff, retries=retries, maximum=cfg.retry_backoff_max,
+        full_jitter=cfg.retry_jitter)
 
 
-@app.task(name='tasks.generate', **RETRY)
-def generate(model: str, prompt: str, system: str = '', images=None, options=None) -> dict:
-    return ollama().generate(model, prompt, system=system, images=images, options=options)
+def retrying(task, call):
+    """``call()``; Ollama unavailable: retry later by ``[retry]`` (read at run time)."""
+    try:
+        return call()
+    except OllamaUnavailable as exc:
+        cfg = current()
+        raise task.retry(exc=exc, countdown=backoff(cfg, task.request.retries),
+                         max_retries=cfg.max_retries) from None
 
 
-@app.task(name='tasks.chat', **RETRY)
-def chat(model: str, messages: list, options=None) -> dict:
-    return ollama().chat(model, messages, options=options)
+@app.task(name='tasks.generate', bind=True)
+def generate(self, model: str, prompt: str, system: str = '', images=None,
+             options=None) -> dict:
+    return retrying(self, lambda: ollama().generate(model, prompt, system=system,
+                                                    images=images, options=options))
 
 
-def _embed_one(model: str, input) -> dict:
+@app.task(name='tasks.chat', bind=True)
+def chat(self, model: str, messages: list, options=None) -> dict:
+    return retrying(self, lambda: ollama().chat(model, messages, options=options))
+
+
+def _embed_one(self, model: str, input) -> dict:
     """One embedding request, unbatched (used when celery-batches is missing)."""
-    out = ollama().embed(model, [input] if isinstance(input, str) else list(input))
+    out = retrying(self, lambda: ollama().embed(
+        model, [input] if isinstance(input, str) else list(input)))
     result = {'model': model, 'embeddings': out['embeddings'], 'batch_size': 1,
               'prompt_eval_count': out.get('prompt_eval_count'),
               'total_duration': out.get('total_duration'),
@@ -104,10 +118,20 @@ def _embed_batch(self, requests) -> dict:
 
 if Batches is None:
     logger.warning('celery-batches is not installed: embedding requests are not batched')
-    embed = app.task(name='tasks.embed', is_batch=False, **RETRY)(_embed_one)
+    embed = app.task(name='tasks.embed', bind=True, is_batch=False)(_embed_one)
 else:
-    embed = app.task(name='tasks.embed', base=Batches, flush_every=_cfg.embed_batch_size,
-                     flush_interval=_cfg.embed_batch_wait, bind=True, is_batch=True
+    class EmbedBatches(Batches):
+        """Batch size and wait from ``[embedding]``, read when the worker runs."""
+
+        @property
+        def flush_every(self):
+            return current().embed_batch_size
+
+        @property
+        def flush_interval(self):
+            return current().embed_batch_wait
+
+    embed = app.task(name='tasks.embed', base=EmbedBatches, bind=True, is_batch=True
                      )(_embed_batch)
 
 
@@ -122,9 +146,7 @@ def _retry_or_fail(task, req, exc):
     if retries >= cfg.max_retries:
         task.backend.mark_as_failure(req.id, exc, request=req)
         return ('failed', f'{exc} (gave up after {retries} retries)')
-    countdown = get_exponential_backoff_interval(
-        factor=cfg.retry_backoff, retries=retries, maximum=cfg.retry_backoff_max,
-        full_jitter=cfg.retry_jitter)
+    countdown = backoff(cfg, retries)
     info = req.delivery_info or {}
     headers = {k: req.request_dict[k] for k in ('x-client',) if req.request_dict.get(k)}
     task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown,

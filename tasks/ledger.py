@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 
 from sqlalchemy import (JSON, Float, Index, Integer, String, Text, create_engine, event,
-                        select)
+                        func, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED = (
@@ -93,8 +93,10 @@ def _sqlite_pragmas(dbapi_conn, _record):
 
 def _sqlite_begin(conn):
     # IMMEDIATE takes the write lock up front: a read-then-write transaction
-    # (the per-user limit check) cannot fail with SQLITE_BUSY half-way.
-    conn.exec_driver_sql('BEGIN IMMEDIATE')
+    # (the per-user limit check) cannot fail with SQLITE_BUSY half-way.  A
+    # read-only look (read_session) takes no lock: WAL readers never wait.
+    read_only = conn.get_execution_options().get('tasks_read_only')
+    conn.exec_driver_sql('BEGIN' if read_only else 'BEGIN IMMEDIATE')
 
 
 def engine(url: str):
@@ -121,6 +123,22 @@ def session(url: str):
     """A transaction: committed on success, rolled back on error."""
     with Session(engine(url), expire_on_commit=False) as s, s.begin():
         yield s
+
+
+@contextmanager
+def read_session(url: str):
+    """A transaction that only reads: it never waits for, nor holds, the write lock."""
+    bind = engine(url).execution_options(tasks_read_only=True)
+    with Session(bind, expire_on_commit=False) as s, s.begin():
+        yield s
+
+
+def counts(url: str) -> dict[tuple[str, str], int]:
+    """Requests by (model, status), read without taking the write lock."""
+    with read_session(url) as s:
+        return {(model, status): n for model, status, n in s.execute(
+            select(Request.model, Request.status, func.count()).group_by(
+                Request.model, Request.status))}
 
 
 def active_count(s: Session, user_id: str) -> int:

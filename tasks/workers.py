@@ -38,21 +38,34 @@ def commands(cfg, loglevel='info', beat=True, models=None) -> list[tuple[str, li
     return out
 
 
-def stop(procs, timeout=30.0):
-    """Warm shutdown (SIGTERM: running requests finish), then kill what is left."""
+def stop(procs, grace: float = 30.0) -> list[str]:
+    """Stop ``(name, Popen)`` processes, each started in its own session.
+
+    Warm shutdown: SIGTERM to each main process (a Celery worker then finishes
+    what it runs and stops its pool), up to ``grace`` seconds for all; then
+    SIGKILL to each process group, pool children that outlived their parent
+    included.  Returns the names of those that had to be killed.
+    """
     for _, p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)  # the main process; it stops its pool itself
-    deadline = time.monotonic() + timeout
-    for _, p in procs:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    killed = []
+    for name, p in procs:
         try:
             p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+            killed.append(name)
+    for _, p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    return killed
 
 
 def _interrupt(*_):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from .report import percentile
+from ..report import percentile
 
 MIN_UTILISATION = 0.90
 MAX_EXEC_OVER_STAFF = 0.25
@@ -80,7 +80,7 @@ def _sweep(rows, slots: int, end: float, burst: tuple[float, float]) -> dict:
 
 
 def _reason(row) -> str:
-    from .demo_load import reason
+    from .load import reason
     error = row['error'] or ''
     kind, _, text = error.partition(': ')
     return reason(kind, text)
@@ -249,5 +249,5 @@ def render(report: dict, console, flower_url: str, paths: dict):
 
 
 def _priority(report, role):
-    from .demo_load import POPULATION
+    from .load import POPULATION
     return list(POPULATION).index(role) if role in POPULATION else 99

@@ -1,128 +1,17 @@
-"""An Ollama simulator: the endpoints ``tasks`` uses, with GPU slots and faults.
-
-``python -m tasks.simulator --port 11434`` serves ``/api/tags``,
-``/api/version``, ``/api/ps``, ``/api/generate``, ``/api/chat`` and
-``/api/embed`` (streaming and not), in Ollama's formats.  Each model has GPU
-slots: requests beyond them wait, as on a GPU.  Tokens come at a set rate and a
-model takes a set time to load the first time it is used.
-
-Faults are injected at start (``--fault KIND[,MODEL[,COUNT[,SECONDS]]]``) or at
-run time with ``POST /_sim/faults {"kind": ..., "model": ..., "count": ...,
-"seconds": ...}``:
-
-* ``refuse``: close the listening socket for ``seconds`` (connection refused);
-* ``500``: answer HTTP 500; ``loading``: HTTP 503 "model is loading";
-* ``stall``: send one token, then nothing for ``seconds``, holding the slot;
-* ``unknown``: answer 404 as for a model that is not pulled.
-
-``GET /_sim/stats`` reports calls per endpoint, embedding batch sizes and the
-most requests each model ran at once; ``DELETE /_sim/faults`` clears faults.
-"""
+"""The simulated Ollama's HTTP API, in Ollama's formats (``docs/api.md``)."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import socket
 import threading
 import time
-from collections import defaultdict
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .models import NANO, Simulator, now_iso
+
 logger = logging.getLogger('tasks.simulator')
-NANO = 1_000_000_000
-DEFAULT_MODELS = {'gpt-oss:20b': 1, 'llama3.2-vision:11b': 1, 'nomic-embed-text': 1}
-FAULT_KINDS = ('refuse', '500', 'loading', 'stall', 'unknown')
-
-
-def _now_iso():
-    return datetime.now(timezone.utc).isoformat().replace('+00:00', 'Z')
-
-
-class Simulator:
-    """The state behind the HTTP handler: models, slots, faults, counters."""
-
-    def __init__(self, models=None, token_rate=200.0, load_time=0.0, tokens=8,
-                 embed_dim=8):
-        self.models = dict(models or DEFAULT_MODELS)
-        self.slots = {m: threading.BoundedSemaphore(n) for m, n in self.models.items()}
-        self.token_rate = token_rate
-        self.load_time = load_time
-        self.tokens = tokens
-        self.embed_dim = embed_dim
-        self.loaded: dict[str, float] = {}
-        self.load_lock = threading.Lock()
-        self.faults: list[dict] = []
-        self.lock = threading.Lock()
-        self.calls = defaultdict(int)
-        self.embed_batches: list[int] = []
-        self.running = defaultdict(int)
-        self.max_running = defaultdict(int)
-        self.served: list[dict] = []
-        self.server = None  # set by serve()
-
-    # -- faults -------------------------------------------------------------
-    def add_fault(self, kind, model='*', count=1, seconds=30.0):
-        if kind not in FAULT_KINDS:
-            raise ValueError(f'unknown fault {kind!r} (one of {", ".join(FAULT_KINDS)})')
-        with self.lock:
-            self.faults.append({'kind': kind, 'model': model or '*', 'count': int(count),
-                                'seconds': float(seconds)})
-        if kind == 'refuse':
-            threading.Thread(target=self._refuse, args=(float(seconds),), daemon=True).start()
-
-    def take_fault(self, model):
-        with self.lock:
-            for fault in self.faults:
-                if fault['kind'] != 'refuse' and fault['model'] in ('*', model) \
-                        and fault['count'] != 0:
-                    fault['count'] -= 1
-                    return fault
-        return None
-
-    def _refuse(self, seconds):
-        if self.server is not None:
-            self.server.refuse_for(seconds)
-        with self.lock:
-            self.faults = [f for f in self.faults if f['kind'] != 'refuse']
-
-    # -- models -------------------------------------------------------------
-    def ensure_loaded(self, model) -> float:
-        """Seconds spent loading (0 when already in memory)."""
-        with self.load_lock:
-            if model in self.loaded:
-                return 0.0
-            time.sleep(self.load_time)
-            self.loaded[model] = time.time()
-            return self.load_time
-
-    def slot(self, model):
-        sim = self
-
-        class _Slot:
-            def __enter__(self):
-                sim.slots[model].acquire()
-                with sim.lock:
-                    sim.running[model] += 1
-                    sim.max_running[model] = max(sim.max_running[model], sim.running[model])
-
-            def __exit__(self, *exc):
-                with sim.lock:
-                    sim.running[model] -= 1
-                sim.slots[model].release()
-        return _Slot()
-
-    def stats(self):
-        with self.lock:
-            return {'calls': dict(self.calls), 'embed_batches': list(self.embed_batches),
-                    'max_running': dict(self.max_running), 'running': dict(self.running),
-                    'served': list(self.served), 'faults': list(self.faults)}
-
-    def vector(self, text):
-        digest = hashlib.sha256(text.encode()).digest()
-        return [round(b / 255.0, 4) for b in digest[:self.embed_dim]]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -274,7 +163,7 @@ class Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _piece(model, chat, text, done):
-        out = {'model': model, 'created_at': _now_iso(), 'done': done}
+        out = {'model': model, 'created_at': now_iso(), 'done': done}
         if chat:
             out['message'] = {'role': 'assistant', 'content': text}
         else:
@@ -334,47 +223,3 @@ def serve(host, port, sim: Simulator):
             if not server._restart:
                 return
             server._restart = False
-
-
-def _parse_models(text):
-    models = {}
-    for part in filter(None, (p.strip() for p in text.split(','))):
-        name, _, slots = part.rpartition('=') if '=' in part else (part, '', '1')
-        models[name] = int(slots)
-    return models
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog='python -m tasks.simulator', description=__doc__.split(
-        '\n')[0])
-    p.add_argument('--host', default='127.0.0.1')
-    p.add_argument('--port', type=int, default=11434)
-    p.add_argument('--models', default=','.join(f'{m}={n}' for m, n in DEFAULT_MODELS.items()),
-                   help='NAME=SLOTS,... (default: %(default)s)')
-    p.add_argument('--token-rate', type=float, default=200.0, help='tokens per second')
-    p.add_argument('--load-time', type=float, default=0.0,
-                   help='seconds a model takes to load on first use')
-    p.add_argument('--tokens', type=int, default=8,
-                   help='tokens per answer when the request sets no num_predict')
-    p.add_argument('--fault', action='append', default=[],
-                   help='KIND[,MODEL[,COUNT[,SECONDS]]], KIND one of ' + ', '.join(FAULT_KINDS)
-                   + '; COUNT -1 means every request')
-    p.add_argument('-v', '--verbose', action='store_true')
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format='%(asctime)s %(name)s %(message)s')
-    sim = Simulator(_parse_models(args.models), args.token_rate, args.load_time, args.tokens)
-    for spec in args.fault:
-        parts = spec.split(',')
-        kind, model, count, seconds = (parts + ['*', '1', '30'][len(parts) - 1:])[:4]
-        sim.add_fault(kind, model, int(count), float(seconds))
-    logger.info('Ollama simulator on http://%s:%d with models %s', args.host, args.port,
-                ', '.join(f'{m} ({n} slots)' for m, n in sim.models.items()))
-    try:
-        serve(args.host, args.port, sim)
-    except KeyboardInterrupt:
-        pass
-
-
-if __name__ == '__main__':
-    main()

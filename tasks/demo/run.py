@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import demo_load, demo_report, demo_stack, demo_watch
+from . import load as demo_load, report as demo_report, stack as demo_stack, watch as demo_watch
 
 MARKER = '.tasks-demo'
 FLOWER_USER = 'demo'
@@ -120,7 +120,7 @@ class Demo:
         """Write the demo's configuration and point this process and its children at it."""
         import tasks
 
-        from . import config
+        from .. import config
         ollama_url = os.environ.get('OLLAMA_HOST', '') if self.args.real else None
         if self.args.real:
             if '://' not in ollama_url:
@@ -131,7 +131,7 @@ class Demo:
             ollama_url = f'http://127.0.0.1:{demo_stack.free_port()}'
         path = self.data_dir / 'tasks.toml'
         path.write_text(to_toml(demo_load.config(self.sizing, self.data_dir)))
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {'TASKS_CONFIG': str(path), 'TASKS_DATA_DIR': str(self.data_dir),
                'OLLAMA_HOST': ollama_url,
                'PYTHONPATH': os.pathsep.join(filter(None, [package_root,
@@ -232,7 +232,8 @@ class Demo:
     def report(self) -> dict:
         from kombu_sqlite import Broker
 
-        from . import demo_plot, ledger
+        from .. import ledger
+        from . import plot as demo_plot
         end = time.time()
         time.sleep(2 * self.sampler.interval)  # one more sample of the empty queues
         self.sampler.stop_event.set()
@@ -326,7 +327,3 @@ def main(argv=None) -> int:
             demo.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-if __name__ == '__main__':
-    sys.exit(main())
