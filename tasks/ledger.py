@@ -141,6 +141,17 @@ def counts(url: str) -> dict[tuple[str, str], int]:
                 Request.model, Request.status))}
 
 
+def spike_episodes(url: str, since: float | None = None) -> list[dict]:
+    """Spike mode episodes (queue, started_at, ended_at, depth_at_start, refused)."""
+    with read_session(url) as s:
+        q = select(SpikeEpisode).order_by(SpikeEpisode.started_at)
+        if since is not None:
+            q = q.where(SpikeEpisode.started_at >= since)
+        return [{'queue': e.queue, 'started_at': e.started_at, 'ended_at': e.ended_at,
+                 'depth_at_start': e.depth_at_start, 'refused': e.refused}
+                for e in s.scalars(q)]
+
+
 def active_count(s: Session, user_id: str) -> int:
     rows = s.scalars(select(Request.task_id).where(
         Request.user_id == user_id, Request.status.in_(ACTIVE)))

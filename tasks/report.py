@@ -7,10 +7,8 @@ import time
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
-from sqlalchemy import select
-
 from . import ledger
-from .ledger import ACTIVE, SUCCEEDED, SpikeEpisode
+from .ledger import ACTIVE, SUCCEEDED
 
 _UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
 
@@ -84,12 +82,7 @@ def build(cfg, since: float | None = None, now: float | None = None,
     peaks = [{'hour': h, 'submitted': n} for h, n in submitted.most_common(3)]
 
     status = Counter(r.status for r in rows)
-    with ledger.session(cfg.ledger_url) as s:
-        q = select(SpikeEpisode)
-        if since is not None:
-            q = q.where(SpikeEpisode.started_at >= since)
-        episodes = [{'queue': e.queue, 'started_at': e.started_at, 'ended_at': e.ended_at,
-                     'refused': e.refused} for e in s.scalars(q)]
+    episodes = ledger.spike_episodes(cfg.ledger_url, since)
     queues = {}
     for name, m in cfg.models.items():
         queues[name] = {

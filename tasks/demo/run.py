@@ -4,7 +4,7 @@ Starts the Ollama simulator (or uses a real Ollama with ``--real``), one
 worker per model with its GPU slots, and Flower with basic auth; replays a
 steady load, a burst of several hundred requests and a recovery through
 :func:`tasks.submit`; shows progress live; then writes ``report.json`` and
-``report.png`` in the demo directory and checks the report against four
+``report.png`` in the demo directory and checks the report against its
 criteria (PASS/FAIL each; ``--strict`` exits 1 if any fails).  Every process
 it starts is stopped before it returns, on Ctrl-C too.
 """
@@ -33,7 +33,7 @@ def parse(argv):
     p = argparse.ArgumentParser(
         prog='python -m tasks demo',
         description='Replay a demand spike on one box and watch it in Flower; writes '
-                    'report.json and report.png and checks them against four criteria.')
+                    'report.json and report.png and checks them against its criteria.')
     p.add_argument('--scale', type=float, default=1.0,
                    help='size of the spike: 1 is ~350 requests from ~60 users (default 1)')
     p.add_argument('--duration', type=float, default=120.0,
@@ -46,6 +46,10 @@ def parse(argv):
     p.add_argument('--keep-running', action='store_true',
                    help='after the report, keep the workers and Flower up until Ctrl-C')
     p.add_argument('--strict', action='store_true', help='exit 1 if a criterion fails')
+    p.add_argument('--without', action='append', default=[],
+                   choices=demo_load.ADMISSION_CONTROLS,
+                   help='run without this admission control, to see what it does '
+                        '(repeatable; its criterion then fails)')
     p.add_argument('--flower-port', type=int, default=5555,
                    help='Flower port (default 5555; another free port if taken)')
     p.add_argument('--seed', type=int, default=1, help='seed of the timetable (default 1)')
@@ -130,7 +134,7 @@ class Demo:
         else:
             ollama_url = f'http://127.0.0.1:{demo_stack.free_port()}'
         path = self.data_dir / 'tasks.toml'
-        path.write_text(to_toml(demo_load.config(self.sizing, self.data_dir)))
+        path.write_text(to_toml(demo_load.config(self.sizing, self.args.without)))
         package_root = str(Path(__file__).resolve().parents[2])
         env = {'TASKS_CONFIG': str(path), 'TASKS_DATA_DIR': str(self.data_dir),
                'OLLAMA_HOST': ollama_url,
@@ -254,7 +258,9 @@ class Demo:
                     break
                 time.sleep(0.2)
         data = demo_report.build(self.cfg, rows, self.replay, self.sizing,
-                                 self.sampler.samples, broker_stats, end)
+                                 self.sampler.samples, broker_stats, end,
+                                 ledger.spike_episodes(self.cfg.ledger_url))
+        data['run']['without'] = list(self.args.without)
         data['flower'] = {'url': self.flower_url, 'user': FLOWER_USER,
                           **self.watch.summary()}
         data['ollama'] = {'url': self.ollama_url, 'simulated': not self.args.real}
