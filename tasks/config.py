@@ -43,6 +43,14 @@ class RequestType:
     prompt: str
     system: str
     options: dict
+    # Passed to Ollama as they are when set (a payload may set them too).
+    format: str | dict | None = None
+    keep_alive: str | float | None = None
+    think: bool | str | None = None
+    tools: list | None = None
+
+    def ollama_fields(self) -> dict:
+        return {k: getattr(self, k) for k in OLLAMA_FIELDS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,8 @@ DEFAULTS = {
 
 REPLACED_TABLES = ('models', 'request_types', 'roles')
 MODEL_KEYS = {'queue', 'slots', 'max_queue', 'embedding'}
-REQUEST_TYPE_KEYS = {'model', 'task', 'prompt', 'system', 'options'}
+OLLAMA_FIELDS = ('format', 'keep_alive', 'think', 'tools')
+REQUEST_TYPE_KEYS = {'model', 'task', 'prompt', 'system', 'options', *OLLAMA_FIELDS}
 ROLE_KEYS = {'priority', 'limit'}
 
 
@@ -324,5 +333,34 @@ def _request_types(r: _Reader, models: dict) -> dict[str, RequestType]:
         types[name] = RequestType(
             name=name, model=model, task=task, prompt=prompt,
             system=r.check(f'{key}.system', spec.get('system', ''), str),
-            options=r.check(f'{key}.options', spec.get('options', {}), dict))
+            options=r.check(f'{key}.options', spec.get('options', {}), dict),
+            **ollama_fields(spec, lambda field, message: r.fail(f'{key}.{field}', message)))
+        if types[name].tools and task != 'chat':
+            r.fail(f'{key}.tools', f'only a chat request type can offer tools (task {task!r})')
     return types
+
+
+def ollama_fields(spec: dict, fail) -> dict:
+    """``format``, ``keep_alive``, ``think`` and ``tools`` of a request type or a
+    payload, checked against what Ollama accepts; ``fail(field, message)`` raises."""
+    out = {}
+    value = spec.get('format')
+    if value is not None and value != 'json' and not isinstance(value, dict):
+        fail('format', f'expected "json" or a JSON schema (a table), got {value!r}')
+    out['format'] = value
+    value = spec.get('keep_alive')
+    if value is not None and (isinstance(value, bool)
+                              or not isinstance(value, (str, int, float))):
+        fail('keep_alive', f'expected a duration such as "10m" or seconds, got {value!r}')
+    out['keep_alive'] = value
+    value = spec.get('think')
+    if value is not None and not isinstance(value, bool) \
+            and value not in ('low', 'medium', 'high'):
+        fail('think', f'expected true, false, "low", "medium" or "high", got {value!r}')
+    out['think'] = value
+    value = spec.get('tools')
+    if value is not None and (not isinstance(value, list)
+                              or not all(isinstance(t, dict) for t in value)):
+        fail('tools', f'expected a list of tool tables, got {value!r}')
+    out['tools'] = value
+    return out

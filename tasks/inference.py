@@ -17,7 +17,7 @@ except ImportError:  # without it, each embedding request is its own /api/embed 
     Batches = None
 
 from .app import app, current
-from .ollama import Ollama, OllamaError, OllamaUnavailable
+from .ollama import Ollama, OllamaDown, OllamaError, OllamaUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -36,25 +36,34 @@ def backoff(cfg, retries: int) -> float:
 
 
 def retrying(task, call):
-    """``call()``; Ollama unavailable: retry later by ``[retry]`` (read at run time)."""
+    """``call()``, retried later by ``[retry]`` (read at run time) when Ollama
+    cannot serve it.  While Ollama is down the retries do not run out: the
+    worker stops taking requests meanwhile (:mod:`tasks.availability`), and the
+    message's expiry (``maintenance.request_expiry``) still bounds the wait."""
     try:
         return call()
     except OllamaUnavailable as exc:
         cfg = current()
+        # Down: one more retry always allowed (Celery reads None as its default).
+        limit = task.request.retries + 1 if isinstance(exc, OllamaDown) else cfg.max_retries
         raise task.retry(exc=exc, countdown=backoff(cfg, task.request.retries),
-                         max_retries=cfg.max_retries) from None
+                         max_retries=limit) from None
 
 
 @app.task(name='tasks.generate', bind=True)
-def generate(self, model: str, prompt: str, system: str = '', images=None,
-             options=None) -> dict:
-    return retrying(self, lambda: ollama().generate(model, prompt, system=system,
-                                                    images=images, options=options))
+def generate(self, model: str, prompt: str, system: str = '', images=None, options=None,
+             format=None, keep_alive=None, think=None) -> dict:
+    return retrying(self, lambda: ollama().generate(
+        model, prompt, system=system, images=images, options=options, format=format,
+        keep_alive=keep_alive, think=think))
 
 
 @app.task(name='tasks.chat', bind=True)
-def chat(self, model: str, messages: list, options=None) -> dict:
-    return retrying(self, lambda: ollama().chat(model, messages, options=options))
+def chat(self, model: str, messages: list, options=None, format=None, keep_alive=None,
+         think=None, tools=None) -> dict:
+    return retrying(self, lambda: ollama().chat(
+        model, messages, options=options, format=format, keep_alive=keep_alive,
+        think=think, tools=tools))
 
 
 def _embed_one(self, model: str, input) -> dict:
@@ -143,7 +152,7 @@ def _retry_or_fail(task, req, exc):
     """Autoretry for one request of a batch: send it again with a countdown."""
     cfg = current()
     retries = int(req.request_dict.get('retries') or 0)
-    if retries >= cfg.max_retries:
+    if retries >= cfg.max_retries and not isinstance(exc, OllamaDown):
         task.backend.mark_as_failure(req.id, exc, request=req)
         return ('failed', f'{exc} (gave up after {retries} retries)')
     countdown = backoff(cfg, retries)

@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 
 from sqlalchemy import (JSON, Float, Index, Integer, String, Text, create_engine, event,
-                        func, select)
+                        func, inspect, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED = (
@@ -52,6 +52,7 @@ class Request(Base):
     load_duration: Mapped[float | None] = mapped_column(Float)
     prompt_eval_duration: Mapped[float | None] = mapped_column(Float)
     eval_duration: Mapped[float | None] = mapped_column(Float)
+    done_reason: Mapped[str | None] = mapped_column(String(32))  # stop, length, load...
     error: Mapped[str | None] = mapped_column(Text)
     response: Mapped[dict | None] = mapped_column(JSON)
     response_expires_at: Mapped[float | None] = mapped_column(Float)
@@ -114,8 +115,21 @@ def engine(url: str):
                 event.listen(eng, 'connect', _sqlite_pragmas)
                 event.listen(eng, 'begin', _sqlite_begin)
             Base.metadata.create_all(eng)
+            _add_new_columns(eng)
             _engines[key] = eng
         return eng
+
+
+def _add_new_columns(eng):
+    """A ledger written by an older version gets the (nullable) columns added since."""
+    with eng.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            have = {c['name'] for c in inspect(conn).get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=eng.dialect)
+                    conn.exec_driver_sql(
+                        f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}')
 
 
 @contextmanager

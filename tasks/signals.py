@@ -80,6 +80,7 @@ def mark_succeeded(task_id, result: dict):
         for key in ('total_duration', 'load_duration', 'prompt_eval_duration',
                     'eval_duration'):
             setattr(row, key, result.get(key))
+        row.done_reason = result.get('done_reason')
         row.response = result
         row.response_expires_at = now + cfg.retention_days * 86400
 

@@ -12,13 +12,13 @@ from celery.exceptions import CeleryError
 pytest_plugins = ['tasks_fixtures']
 
 
-def test_5xx_loading_and_refused_are_retried_then_succeed(tasks_env):
+def test_5xx_busy_and_refused_are_retried_then_succeed(tasks_env):
     tasks_env.configure()
     import tasks
     sim = tasks_env.sim
     tasks_env.worker()
     sim.fault('500', 'gpt-oss:20b', count=1)
-    sim.fault('loading', 'gpt-oss:20b', count=1)
+    sim.fault('503', 'gpt-oss:20b', count=1)
     result = tasks.submit('ann', 'manager', 'transcript', {'text': 'retry me'})
     assert result.get(timeout=30)['response']
     row = tasks_env.wait_status(result.id, 'succeeded')
