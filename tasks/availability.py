@@ -72,6 +72,9 @@ class Watch(threading.Thread):
         self.down_since: float | None = None
 
     def run(self):
+        # One line a second in the worker log would bury what matters.
+        logging.getLogger('httpx').addFilter(
+            lambda record: '/api/version' not in record.getMessage())
         ollama = client(self.cfg)
         while not self.stop_event.wait(self.interval):
             try:

@@ -182,6 +182,8 @@ def _toml_value(v):
         return json.dumps(v)
     if isinstance(v, dict):
         return '{' + ', '.join(f'{json.dumps(k)} = {_toml_value(x)}' for k, x in v.items()) + '}'
+    if isinstance(v, list):
+        return '[' + ', '.join(_toml_value(x) for x in v) + ']'
     raise TypeError(v)
 
 

@@ -49,6 +49,9 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes ---------------------------------------------------------------
     def do_GET(self):
+        if self.server.refusing and not self.path.startswith('/_sim/'):
+            self.close_connection = True  # kept-alive connections are dropped too
+            return
         self.sim.calls[self.path] += 1
         if self.path == '/api/version':
             return self._json(200, {'version': '0.12.0-simulator'})
