@@ -61,6 +61,19 @@ class Role:
 
 
 @dataclass(frozen=True)
+class Supervision:
+    """``[supervisor]``: how ``python -m tasks workers`` keeps workers serving."""
+    restart_backoff: float      # first wait before a restart; doubles each time
+    restart_backoff_max: float
+    max_restarts: int           # restarts of one worker within restart_window...
+    restart_window: float       # ...after which the command gives up
+    check_interval: float       # how often each worker is pinged and inspected
+    unresponsive_after: float   # no ping answer this long: restarted
+    stuck_after: float          # a request held, not started, with a slot free: restarted
+    shutdown_grace: float       # a warm shutdown waits this long for running requests
+
+
+@dataclass(frozen=True)
 class Config:
     path: str | None
     data_dir: Path
@@ -84,6 +97,8 @@ class Config:
     embed_batch_wait: float
     maintain_interval: float
     request_expiry: float
+    supervision: Supervision
+    gpu_slots: int  # inferences at once on the box, across all models
     models: dict[str, Model] = field(default_factory=dict)
     request_types: dict[str, RequestType] = field(default_factory=dict)
     roles: dict[str, Role] = field(default_factory=dict)
@@ -125,6 +140,11 @@ DEFAULTS = {
     'spike': {'depth': 50, 'resume_depth': 25, 'cutoff_role': 'executive'},
     'embedding': {'batch_size': 16, 'max_wait': 0.2},
     'maintenance': {'interval': 3600.0, 'request_expiry': 86400.0},
+    'supervisor': {'restart_backoff': 1.0, 'restart_backoff_max': 60.0, 'max_restarts': 5,
+                   'restart_window': 600.0, 'check_interval': 10.0,
+                   'unresponsive_after': 60.0, 'stuck_after': 120.0,
+                   'shutdown_grace': None},  # None: ollama.timeout
+    'gpu': {'slots': None},  # None: the sum of the models' slots
     'models': {
         'gpt-oss:20b': {'slots': 1},
         'llama3.2-vision:11b': {'slots': 1},
@@ -223,7 +243,8 @@ def load(path: str | os.PathLike | None = None, **overrides) -> Config:
     raw = _merge(raw, overrides) if overrides else raw
     r = _Reader(raw, where)
     r.check_keys('', raw, set(DEFAULTS))
-    for section in ('ollama', 'retry', 'spike', 'embedding', 'maintenance'):
+    for section in ('ollama', 'retry', 'spike', 'embedding', 'maintenance', 'supervisor',
+                    'gpu'):
         if section in raw:
             r.check_keys(section, raw[section], set(DEFAULTS[section]))
     r = _Reader(_merge(DEFAULTS, raw), where)
@@ -270,9 +291,27 @@ def _build(r: _Reader) -> Config:
         embed_batch_size=r.get('embedding.batch_size', int, minimum=1, maximum=1000),
         embed_batch_wait=r.get('embedding.max_wait', float, minimum=0.001),
         maintain_interval=r.get('maintenance.interval', float, minimum=1),
+        supervision=_supervision(r),
+        gpu_slots=r.get('gpu.slots', int, minimum=1, allow_none=True)
+        or sum(m.slots for m in models.values()),
         request_expiry=r.get('maintenance.request_expiry', float, minimum=1),
         models=models, request_types=request_types, roles=roles,
     )
+
+
+def _supervision(r: _Reader) -> Supervision:
+    def seconds(key, minimum=0.1):
+        return r.get(f'supervisor.{key}', float, minimum=minimum)
+    grace = r.get('supervisor.shutdown_grace', float, minimum=0, allow_none=True)
+    return Supervision(
+        restart_backoff=seconds('restart_backoff'),
+        restart_backoff_max=seconds('restart_backoff_max'),
+        max_restarts=r.get('supervisor.max_restarts', int, minimum=1),
+        restart_window=seconds('restart_window', 1),
+        check_interval=seconds('check_interval'),
+        unresponsive_after=seconds('unresponsive_after'),
+        stuck_after=seconds('stuck_after'),
+        shutdown_grace=r.get('ollama.timeout', float) if grace is None else grace)
 
 
 def _table(r: _Reader, name: str) -> dict:

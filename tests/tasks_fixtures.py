@@ -236,7 +236,8 @@ class TasksEnv:
     def worker(self, model='gpt-oss:20b', *extra, name=None, wait=True):
         m = self.cfg.models[model]
         from tasks.workers import commands
-        [(_, cmd)] = commands(self.cfg, beat=False, models={model})
+        [spec] = commands(self.cfg, beat=False, models={model})
+        cmd = spec.cmd
         proc = self.procs.start(cmd + ['-n', f'{name or model.replace(":", "-")}-'
                                        f'{len(self.procs.procs)}@%h', *extra],
                                 env=self.env, name=name or f'worker-{m.queue}')

@@ -129,7 +129,7 @@ def test_workers_command_starts_one_worker_per_model_and_stops(tasks_env, sig):
     assert len(pids) == 2
     proc.send_signal(sig)
     assert proc.wait(30) == 0
-    assert 'stopping workers' in tasks_env.procs.log(proc)
+    assert 'finished their requests and exited' in tasks_env.procs.log(proc)
     for pid in pids:  # reaped: no worker is left behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -103,7 +103,7 @@ def start_simulator(stack: Stack, sizing, port: int) -> str:
 
 def start_workers(stack: Stack, cfg) -> list[str]:
     names = []
-    for model, cmd in workers.commands(cfg, loglevel='info', beat=False):
+    for model, cmd, *_ in workers.commands(cfg, loglevel='info', beat=False):
         stack.start(f'worker-{model}', cmd)
         names.append(f'worker-{model}')
     return names
