@@ -16,8 +16,10 @@ try:
 except ImportError:  # without it, each embedding request is its own /api/embed call
     Batches = None
 
-from .app import app, current
+from . import gpu
+from .app import app, broker_priority, current
 from .ollama import Ollama, OllamaDown, OllamaError, OllamaUnavailable
+from .signals import header, mark_on_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +37,31 @@ def backoff(cfg, retries: int) -> float:
         full_jitter=cfg.retry_jitter)
 
 
+def priority(request) -> int:
+    """The role priority a request was sent with (0 is served first)."""
+    cfg = current()
+    role = cfg.roles.get(header(request, 'x-role'))
+    if role is not None:
+        return role.priority
+    sent = (getattr(request, 'delivery_info', None) or {}).get('priority') or 0
+    return broker_priority(cfg, sent)  # its own inverse on RabbitMQ
+
+
+def on_gpu(task, call):
+    """``call()`` holding one of the box's GPU slots (``[gpu] slots``)."""
+    with gpu.slot(current(), priority(task.request)) as waited:
+        if waited:
+            mark_on_gpu(task.request.id)
+        return call()
+
+
 def retrying(task, call):
     """``call()``, retried later by ``[retry]`` (read at run time) when Ollama
     cannot serve it.  While Ollama is down the retries do not run out: the
     worker stops taking requests meanwhile (:mod:`tasks.availability`), and the
     message's expiry (``maintenance.request_expiry``) still bounds the wait."""
     try:
-        return call()
+        return on_gpu(task, call)
     except OllamaUnavailable as exc:
         cfg = current()
         # Down: one more retry always allowed (Celery reads None as its default).
@@ -98,7 +118,8 @@ def _embed_batch(self, requests) -> dict:
             spans.append((len(inputs), len(inputs) + len(items), isinstance(text, str)))
             inputs.extend(items)
         try:
-            out = ollama().embed(model, inputs)
+            with gpu.slot(current(), min(priority(r) for r in reqs)):
+                out = ollama().embed(model, inputs)
         except OllamaUnavailable as exc:
             for req in reqs:
                 outcomes[req.id] = _retry_or_fail(self, req, exc)

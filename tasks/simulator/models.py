@@ -108,6 +108,7 @@ class Simulator:
         self.embed_batches: list[int] = []
         self.max_running = defaultdict(int)
         self.max_pending = 0
+        self.max_running_total = 0  # across models: what the GPU ran at once
         self.served: list[dict] = []
         self.epoch = 0  # goes up when the simulated Ollama restarts
         self.server = None  # set by the Server
@@ -169,6 +170,8 @@ class Simulator:
             with self.lock:
                 model.running += 1
                 self.max_running[name] = max(self.max_running[name], model.running)
+                total = sum(m.running for m in self.models.values())
+                self.max_running_total = max(self.max_running_total, total)
             try:
                 yield load
             finally:
@@ -215,6 +218,7 @@ class Simulator:
         with self.lock:
             return {'calls': dict(self.calls), 'embed_batches': list(self.embed_batches),
                     'max_running': dict(self.max_running),
+                    'max_running_total': self.max_running_total,
                     'running': {m.name: m.running for m in self.models.values()},
                     'loads': {m.name: m.loads for m in self.models.values()},
                     'pending': self.pending, 'max_pending': self.max_pending,
