@@ -78,6 +78,11 @@ def build(cfg, since: float | None = None, now: float | None = None,
                'utilisation': busy.get(name, 0.0) / (m.slots * window)}
         for name, m in cfg.models.items()}
 
+    gpu_busy = sum(busy.values())
+    gpu = {'slots': cfg.gpu_slots, 'busy_slot_seconds': gpu_busy,
+           'available_slot_seconds': cfg.gpu_slots * window,
+           'utilisation': gpu_busy / (cfg.gpu_slots * window)}
+
     submitted = Counter(_hour(r.created_at) for r in rows)
     peaks = [{'hour': h, 'submitted': n} for h, n in submitted.most_common(3)]
 
@@ -98,6 +103,7 @@ def build(cfg, since: float | None = None, now: float | None = None,
         'processed_per_hour': len(done) / (window / 3600),
         'processed_by_hour': dict(sorted(per_hour.items())),
         'model_utilisation': utilisation,
+        'gpu_utilisation': gpu,
         'peak_periods': peaks,
         'queue_depth': queues,
         'active_requests': sum(1 for r in rows if r.status in ACTIVE),
@@ -133,6 +139,9 @@ def render(data: dict, console=None):
                   f'{u["utilisation"]:.1%}', '-' if q['ready'] is None else str(q['ready']),
                   str(q['queued']), str(q['running']))
     console.print(t)
+    g = data['gpu_utilisation']
+    console.print(f'GPU, all models: {g["slots"]} slot(s) ([gpu] slots), '
+                  f'{g["busy_slot_seconds"]:.1f} busy slot-s, {g["utilisation"]:.1%} utilisation')
     if data['peak_periods']:
         console.print('Peak hours (submitted): ' + ', '.join(
             f'{p["hour"]} ({p["submitted"]})' for p in data['peak_periods']))

@@ -70,6 +70,10 @@ def test_small_demo_meets_its_criteria(tmp_path):
     assert report['throughput']['per_minute'] > 0
     assert report['timeline']['t'] and set(report['timeline']['ready_by_role']) == set(ROLES)
     assert max(report['timeline']['running']) == 3  # every slot was busy at some point
+    gpu = report['gpu']  # GPU-wide, across models
+    assert gpu['slots'] == 3 and gpu['busy_slot_s'] == pytest.approx(
+        sum(m['busy_slot_s'] for m in report['models'].values()))
+    assert 'GPU, all models' in out
 
     # Flower answered with the password, and refused without it.
     flower = report['flower']

@@ -100,6 +100,7 @@ def build(cfg, rows: list[dict], replay, sizing, samples: list[dict], broker_sta
     for name, m in cfg.models.items():
         models[name] = _sweep([r for r in admitted if r['model'] == name], m.slots, end,
                               (b0, b1))
+    gpu = _sweep(admitted, cfg.gpu_slots, end, (b0, b1))  # the box as a whole
     done = [r for r in admitted if r['status'] == 'succeeded']
     span = (max(r['completed_at'] for r in done) - t0) if done else 0.0
     report = {
@@ -117,6 +118,7 @@ def build(cfg, rows: list[dict], replay, sizing, samples: list[dict], broker_sta
         'wait_by_role': _waits(admitted),
         'wait_by_role_burst': _waits(in_burst),
         'models': models,
+        'gpu': gpu,
         'throughput': {'succeeded': len(done), 'seconds': span,
                        'per_minute': 60 * len(done) / span if span else None,
                        'by_model_per_minute': {
@@ -292,6 +294,12 @@ def render(report: dict, console, flower_url: str, paths: dict):
                   _fmt(m['while_waiting'] and 100 * m['while_waiting'], '%'),
                   _fmt(m['waiting_s']), str(m['backlog_peak']), _fmt(m['drain_s']),
                   _fmt(report['throughput']['by_model_per_minute'][name], ''))
+    g = report['gpu']
+    t.add_row('GPU, all models', str(g['slots']), f'{g["busy_slot_s"]:.0f}',
+              _fmt(g['overall'] and 100 * g['overall'], '%'),
+              _fmt(g['while_waiting'] and 100 * g['while_waiting'], '%'),
+              _fmt(g['waiting_s']), str(g['backlog_peak']), _fmt(g['drain_s']),
+              _fmt(report['throughput']['per_minute'], ''))
     console.print(t)
     tp = report['throughput']
     console.print(f'Throughput: {tp["succeeded"]} answered in {tp["seconds"]:.0f}s, '
