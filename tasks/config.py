@@ -9,6 +9,7 @@ section is merged key by key.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,3 +404,30 @@ def ollama_fields(spec: dict, fail) -> dict:
         fail('tools', f'expected a list of tool tables, got {value!r}')
     out['tools'] = value
     return out
+
+
+def to_toml(data: dict) -> str:
+    """A configuration as TOML, for the shapes config files have (the demo and the
+    tests write theirs with it): top-level values, tables, and tables of tables."""
+    def value(v):
+        if isinstance(v, bool):
+            return 'true' if v else 'false'
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a TOML basic string
+        if isinstance(v, list):
+            return '[' + ', '.join(value(x) for x in v) + ']'
+        return '{' + ', '.join(f'{json.dumps(k)} = {value(x)}' for k, x in v.items()) + '}'
+    lines = [f'{k} = {value(v)}' for k, v in data.items() if not isinstance(v, dict)]
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            continue
+        if table and all(isinstance(v, dict) for v in table.values()):
+            for name, sub in table.items():
+                lines.append(f'\n[{section}.{json.dumps(name)}]')
+                lines += [f'{json.dumps(k)} = {value(v)}' for k, v in sub.items()]
+        else:
+            lines.append(f'\n[{section}]')
+            lines += [f'{json.dumps(k)} = {value(v)}' for k, v in table.items()]
+    return '\n'.join(lines) + '\n'

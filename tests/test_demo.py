@@ -33,13 +33,19 @@ def _demo(tmp_path, *args, timeout=90):
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_small_demo_meets_its_criteria(tmp_path):
-    proc = _demo(tmp_path, '--scale', '0.15', '--duration', '10', '--strict')
+def _small_demo(tmp_path, *args):
+    """A small --strict run to its end: (the process, its output)."""
+    proc = _demo(tmp_path, '--scale', '0.15', '--duration', '10', '--strict', *args)
     try:
         out, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return proc, out
+
+
+def test_small_demo_meets_its_criteria(tmp_path):
+    proc, out = _small_demo(tmp_path)
     assert proc.returncode == 0, out
     run = tmp_path / 'run'
     report = json.loads((run / 'report.json').read_text())
@@ -89,13 +95,7 @@ def test_small_demo_meets_its_criteria(tmp_path):
 @pytest.mark.parametrize('control, criterion', [
     ('spike-mode', 'spike mode engaged'), ('user-limits', 'per-user limits')])
 def test_strict_fails_without_admission_control(tmp_path, control, criterion):
-    proc = _demo(tmp_path, '--scale', '0.15', '--duration', '10', '--strict',
-                 '--without', control)
-    try:
-        out, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, out = _small_demo(tmp_path, '--without', control)
     assert proc.returncode == 1, out
     report = json.loads((tmp_path / 'run' / 'report.json').read_text())
     failed = [c['name'] for c in report['criteria'] if not c['pass']]

@@ -1,6 +1,5 @@
 """The app against Ollama as it behaves (the simulator over HTTP, real workers)."""
 import json
-import logging
 import time
 
 pytest_plugins = ['tasks_fixtures']
@@ -78,7 +77,7 @@ def test_busy_retried_bad_request_not_and_fields_passed_through(tasks_env):
     assert row.retries == 0 and 'HTTP 400' in row.error and 'invalid duration' in row.error
 
 
-def test_worker_pauses_while_ollama_is_down_and_resumes(any_broker_env, caplog):
+def test_worker_pauses_while_ollama_is_down_and_resumes(any_broker_env):
     """Ollama restarts: the request in flight is retried, the others wait queued,
     nothing fails although the retries would have run out; alerts both ways."""
     env = any_broker_env

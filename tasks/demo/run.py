@@ -77,30 +77,6 @@ def prepare(data_dir: Path) -> Path:
     return data_dir
 
 
-def to_toml(data: dict) -> str:
-    """Enough TOML for the demo's configuration (JSON strings are TOML strings)."""
-    def value(v):
-        if isinstance(v, bool):
-            return 'true' if v else 'false'
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        return '{' + ', '.join(f'{json.dumps(k)} = {value(x)}' for k, x in v.items()) + '}'
-    lines = [f'{k} = {value(v)}' for k, v in data.items() if not isinstance(v, dict)]
-    for section, table in data.items():
-        if not isinstance(table, dict):
-            continue
-        if all(isinstance(v, dict) for v in table.values()):
-            for name, sub in table.items():
-                lines.append(f'\n[{section}.{json.dumps(name)}]')
-                lines += [f'{k} = {value(v)}' for k, v in sub.items()]
-        else:
-            lines.append(f'\n[{section}]')
-            lines += [f'{k} = {value(v)}' for k, v in table.items()]
-    return '\n'.join(lines) + '\n'
-
-
 def _interrupt(*_):
     raise KeyboardInterrupt
 
@@ -134,7 +110,7 @@ class Demo:
         else:
             ollama_url = f'http://127.0.0.1:{demo_stack.free_port()}'
         path = self.data_dir / 'tasks.toml'
-        path.write_text(to_toml(demo_load.config(self.sizing, self.args.without)))
+        path.write_text(config.to_toml(demo_load.config(self.sizing, self.args.without)))
         package_root = str(Path(__file__).resolve().parents[2])
         env = {'TASKS_CONFIG': str(path), 'TASKS_DATA_DIR': str(self.data_dir),
                'OLLAMA_HOST': ollama_url,
