@@ -33,7 +33,9 @@ def client(cfg) -> Ollama:
                   stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
 
 
-def served_models(cfg, queues) -> list:
+def served_models(cfg, amqp) -> list:
+    """The models whose queues this worker consumes (all of them without ``-Q``)."""
+    queues = amqp.queues.consume_from or amqp.queues
     return [m for m in (cfg.model_for_queue(q) for q in queues) if m is not None]
 
 
@@ -45,7 +47,7 @@ def has_model(available: set, name: str) -> bool:
 def check_models(sender=None, instance=None, **_):
     """At worker start: stop with the ``ollama pull`` hint if a model is missing."""
     cfg = current()
-    models = served_models(cfg, instance.app.amqp.queues.consume_from or {})
+    models = served_models(cfg, instance.app.amqp)
     if not models:
         return
     try:
@@ -111,7 +113,7 @@ _watches: list[Watch] = []
 @signals.worker_ready.connect
 def start_watch(sender=None, **_):
     cfg = current()
-    queues = [m.queue for m in served_models(cfg, app.amqp.queues.consume_from or {})]
+    queues = [m.queue for m in served_models(cfg, app.amqp)]
     if queues:
         watch = Watch(sender.hostname, queues, cfg)
         _watches.append(watch)

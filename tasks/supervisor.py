@@ -121,10 +121,9 @@ class Supervisor:
         while w.restarts and w.restarts[0] < now - self.settings.restart_window:
             w.restarts.popleft()
         if len(w.restarts) >= self.settings.max_restarts:
-            self.echo(f'worker for {w.name} exited with {code}, its '
-                      f'{len(w.restarts) + 1}th exit within '
-                      f'{self.settings.restart_window:g}s: giving up. Its last log lines:\n'
-                      f'{w.tail()}')
+            self.echo(f'worker for {w.name} exited with {code}, exit {len(w.restarts) + 1} '
+                      f'within {self.settings.restart_window:g}s: giving up. Its last log '
+                      f'lines:\n{w.tail()}')
             return 1
         delay = min(self.settings.restart_backoff_max,
                     self.settings.restart_backoff * 2 ** len(w.restarts))

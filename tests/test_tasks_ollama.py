@@ -40,6 +40,15 @@ def test_missing_model_stops_its_worker_with_the_pull_hint(tasks_env):
     assert ' ready.' not in log
 
 
+def test_unreachable_ollama_at_start_is_a_warning(tasks_env):
+    from tasks_fixtures import free_port
+    tasks_env.configure()
+    tasks_env.env['OLLAMA_HOST'] = f'http://127.0.0.1:{free_port()}'  # nobody listens
+    proc = tasks_env.worker()  # it starts, and says why it will wait
+    log = tasks_env.procs.log(proc)
+    assert 'unreachable' in log and 'starts anyway and waits for it' in log
+
+
 def test_busy_retried_bad_request_not_and_fields_passed_through(tasks_env):
     schema = {'type': 'object', 'properties': {'decision': {'type': 'string'}}}
     tasks_env.configure(request_types={

@@ -66,7 +66,7 @@ def test_restart_limit_exits_naming_the_worker_and_its_log(tasks_env):
         os.killpg(worker_pid(tasks_env, proc), signal.SIGKILL)
     assert proc.wait(30) == 1
     log = tasks_env.procs.log(proc)
-    assert 'worker for gpt-oss:20b exited with -9, its 3th exit within 120s: giving up' in log
+    assert 'worker for gpt-oss:20b exited with -9, exit 3 within 120s: giving up' in log
     tail = log.split('Its last log lines:')[1]
     assert '    ' in tail and 'gpt-oss' in tail.lower()
 
