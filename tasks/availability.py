@@ -28,11 +28,6 @@ EX_CONFIG = 78  # sysexits.h: the supervisor does not restart a worker that exit
 CHECK_INTERVAL = 1.0
 
 
-def client(cfg) -> Ollama:
-    return Ollama(cfg.ollama_url, connect_timeout=cfg.connect_timeout,
-                  stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
-
-
 def served_models(cfg, amqp) -> list:
     """The models whose queues this worker consumes (all of them without ``-Q``)."""
     queues = amqp.queues.consume_from or amqp.queues
@@ -51,7 +46,7 @@ def check_models(sender=None, instance=None, **_):
     if not models:
         return
     try:
-        available = client(cfg).models()
+        available = Ollama.from_config(cfg).models()
     except OllamaDown as exc:
         alerts.warning('ALERT %s; worker %s starts anyway and waits for it', exc, sender)
         return
@@ -77,7 +72,7 @@ class Watch(threading.Thread):
         # One line a second in the worker log would bury what matters.
         logging.getLogger('httpx').addFilter(
             lambda record: '/api/version' not in record.getMessage())
-        ollama = client(self.cfg)
+        ollama = Ollama.from_config(self.cfg)
         while not self.stop_event.wait(self.interval):
             try:
                 self.check(ollama.answers())

@@ -25,9 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def ollama() -> Ollama:
-    cfg = current()
-    return Ollama(cfg.ollama_url, connect_timeout=cfg.connect_timeout,
-                  stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
+    return Ollama.from_config(current())
 
 
 def backoff(cfg, retries: int) -> float:

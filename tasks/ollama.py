@@ -132,6 +132,11 @@ class Ollama:
         self.request_timeout = request_timeout
         self.http = client(base_url, connect_timeout, stall_timeout)
 
+    @classmethod
+    def from_config(cls, cfg) -> Ollama:
+        return cls(cfg.ollama_url, connect_timeout=cfg.connect_timeout,
+                   stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
+
     def _stream(self, path: str, body: dict, on_chunk) -> dict:
         """POST a streaming request; returns the final (done) chunk."""
         model = body.get('model', '?')

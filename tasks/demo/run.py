@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..availability import has_model
+from ..ollama import Ollama, OllamaDown
 from . import load as demo_load, report as demo_report, stack as demo_stack, watch as demo_watch
 
 MARKER = '.tasks-demo'
@@ -133,7 +135,11 @@ class Demo:
                                 lambda: demo_stack.answers(f'{self.ollama_url}/api/version'))
         else:
             self.say(f'Using the Ollama at {self.ollama_url}')
-            missing = set(self.cfg.models) - demo_stack.ollama_models(self.ollama_url)
+            try:
+                available = Ollama(self.ollama_url).models()
+            except OllamaDown:
+                available = set()
+            missing = {m for m in self.cfg.models if not has_model(available, m)}
             if missing:
                 self.say(f'[yellow]that Ollama lacks {", ".join(sorted(missing))}: '
                          f'`ollama pull` them, or their requests fail[/]')
