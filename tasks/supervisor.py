@@ -9,8 +9,11 @@
   model is not in Ollama, see :mod:`tasks.availability`) is not restarted.
 * Every ``check_interval`` s each worker is pinged and its requests inspected.
   A wedged worker is restarted: one that has not answered a ping for
-  ``unresponsive_after`` s, or that holds a request it has not started for
-  ``stuck_after`` s while a pool slot is free.
+  ``unresponsive_after`` s, that holds a request it has not started for
+  ``stuck_after`` s while a pool slot is free, or that runs a request
+  ``stuck_after`` s past the longest an Ollama call may take (``ollama.timeout``
+  plus ``stall_timeout``; not checked under a ``[gpu] slots`` budget, whose
+  waits have no bound).
 * SIGTERM or Ctrl-C: a warm shutdown that waits up to ``shutdown_grace`` s
   (default: ``ollama.timeout``) for running requests, kills what is left (its
   requests are delivered again later), and says which.
@@ -176,6 +179,13 @@ class Supervisor:
         if stuck:
             return (f'{len(stuck)} request(s) held {s.stuck_after:g}s without starting, '
                     f'{w.spec.slots - len(active)} of {w.spec.slots} pool slot(s) free')
+        if self.cfg.gpu_slots >= sum(m.slots for m in self.cfg.models.values()):
+            longest = self.cfg.request_timeout + self.cfg.stall_timeout + s.stuck_after
+            overdue = [a for a in active
+                       if a.get('time_start') and time.time() - a['time_start'] > longest]
+            if overdue:
+                return (f'{len(overdue)} request(s) running over {longest:g}s, past '
+                        f'ollama.timeout: no progress')
         return None
 
     # -- shutdown -------------------------------------------------------------------

@@ -87,6 +87,22 @@ def test_wedged_worker_is_restarted(tasks_env):
     assert worker_pid(tasks_env, proc) != pid
 
 
+def test_request_making_no_progress_is_restarted(tasks_env):
+    """A pool process stopped mid-request: past ollama.timeout, the worker is restarted
+    and the request runs again."""
+    proc = start(tasks_env, {'ollama': {'timeout': 3, 'stall_timeout': 1}}, stuck_after=1)
+    import tasks
+    stuck = tasks.submit('ann', 'executive', 'transcript',
+                         {'text': 'x', 'options': {'num_predict': 600}})
+    tasks_env.wait_status(stuck.id, 'running', timeout=20)
+    [child] = subprocess.run(['pgrep', '-P', str(worker_pid(tasks_env, proc))],
+                             capture_output=True, text=True).stdout.split()
+    os.kill(int(child), signal.SIGSTOP)
+    wait_log(tasks_env, proc, 'running over 5s, past ollama.timeout: no progress')
+    assert stuck.get(timeout=60)['response']
+    assert tasks_env.row(stuck.id).attempts == 2
+
+
 def test_pool_processes_killed_the_request_still_completes(tasks_env):
     """The issue's wedge: both pool processes of a prefork worker killed with -9."""
     proc = start(tasks_env, {'models': {'gpt-oss:20b': {'slots': 2, 'queue': 'gpu.gpt-oss'}}})
