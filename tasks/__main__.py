@@ -7,30 +7,34 @@ import sys
 
 import click
 
-
-def _app():
-    # Imported here so that a bad config file is reported as a usage error.
-    try:
-        import tasks
-    except ValueError as exc:  # ConfigError
-        raise click.ClickException(str(exc)) from None
-    return tasks
+import tasks
+from tasks.config import ConfigError
 
 
-@click.group(help='Ollama inference for an organisation, by role priority, with a ledger. '
+class _Commands(click.Group):
+    def invoke(self, ctx):
+        # The configuration is read on first use, inside a command: a bad file
+        # is one line naming the key and the file, exit status 1.
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Commands, help='Ollama inference for an organisation, by role priority, with a ledger. '
                   'Configuration: the TOML file in $TASKS_CONFIG.')
 def cli():
     pass
 
 
 @cli.command(help='Start one Celery worker per model (-Q <model queue> -c <slots>) and a '
-                  'maintenance worker with beat; Ctrl-C stops them cleanly.')
+                  'maintenance worker with beat, restart any that dies or wedges; '
+                  'Ctrl-C or SIGTERM stops them warm ([supervisor] in the config).')
 @click.option('--loglevel', '-l', default='info', show_default=True)
 @click.option('--no-beat', is_flag=True, help='Do not start the maintenance worker and beat.')
 @click.option('--model', 'models', multiple=True, help='Only this model (repeatable).')
 def workers(loglevel, no_beat, models):
-    tasks = _app()
-    from .workers import run
+    from .supervisor import run
     sys.exit(run(tasks.current(), loglevel=loglevel, beat=not no_beat,
                  models=set(models) or None, echo=click.echo))
 
@@ -44,10 +48,11 @@ def workers(loglevel, no_beat, models):
 @click.option('--model', default=None)
 @click.option('--wait', type=float, default=None, help='wait this long for the answer')
 def submit(user_id, role, request_type, text, payload_json, model, wait):
-    tasks = _app()
     payload = json.loads(payload_json) if payload_json else {'text': text}
     try:
         result = tasks.submit(user_id, role, request_type, payload, model=model)
+    except ConfigError:
+        raise
     except (ValueError, tasks.Overloaded, tasks.ResourceLimitExceeded) as exc:
         raise click.ClickException(f'{type(exc).__name__}: {exc}') from None
     click.echo(result.id)
@@ -57,7 +62,6 @@ def submit(user_id, role, request_type, text, payload_json, model, wait):
 
 @cli.command(help='Purge expired responses and expire stale requests (beat runs it too).')
 def maintain():
-    tasks = _app()
     from .maintenance import run
     click.echo(json.dumps(run(tasks.current())))
 
@@ -67,7 +71,6 @@ def maintain():
               help='e.g. 24h, 7d or 2025-01-31T09:00 (UTC)')
 @click.option('--json', 'as_json', is_flag=True, help='machine-readable output')
 def report(since, as_json):
-    tasks = _app()
     from . import report as report_mod
     from .admission import queue_depth
     cfg = tasks.current()
@@ -93,7 +96,7 @@ def report(since, as_json):
              help='Replay a demand spike against the simulator and watch it (tasks.demo).')
 @click.pass_context
 def demo(ctx):
-    module = importlib.import_module('tasks.demo')  # written separately; optional extra
+    module = importlib.import_module('tasks.demo')  # imported only for this command
     sys.exit(module.main(ctx.args))
 
 

@@ -2,6 +2,10 @@
 
 The same settings serve kombu_sqlite (the default), Redis and RabbitMQ: only
 what each broker needs for "lowest number first" priorities differs.
+
+Importing this module reads nothing: the configuration is loaded on first
+use (:func:`current`, or the first look at ``app.conf``, which a worker takes
+as it starts), and :func:`configure` replaces it.
 """
 from __future__ import annotations
 
@@ -22,8 +26,15 @@ _current: list = []
 
 
 def current() -> config_mod.Config:
-    """The configuration the app runs with."""
+    """The configuration the app runs with, loaded from ``$TASKS_CONFIG`` on first use."""
+    if not _current:
+        _current.append(_prepared(config_mod.load()))
     return _current[0]
+
+
+def _prepared(cfg):
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)  # the default sqlite files live there
+    return cfg
 
 
 def broker_kind(url: str) -> str:
@@ -64,7 +75,13 @@ def settings(cfg) -> dict:
     if kind == 'redis':
         # One list per priority 0-9, served strictly lowest first, like sqlite.
         transport_options.update(priority_steps=list(range(10)), sep=':',
-                                 queue_order_strategy='priority')
+                                 queue_order_strategy='priority',
+                                 # A dead worker's request is back within about a
+                                 # quarter of the visibility timeout after it
+                                 # expires, not kombu's 10 x 10 s sweep.
+                                 unacked_restore_interval=max(1.0, min(
+                                     10.0, cfg.visibility_timeout / 4)),
+                                 unacked_restore_throttle=1)
     return dict(
         broker_url=cfg.broker_url,
         result_backend=cfg.result_backend,
@@ -93,8 +110,7 @@ def settings(cfg) -> dict:
 
 def configure(cfg=None):
     """(Re)configure the app; drops cached connections so a new broker is used."""
-    cfg = cfg or config_mod.load()
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = _prepared(cfg or config_mod.load())
     if _current:
         app.close()
         app._pool = None
@@ -106,3 +122,7 @@ def configure(cfg=None):
     _current[:] = [cfg]
     app.conf.update(settings(cfg))
     return cfg
+
+
+# Evaluated when the settings are first needed, not at import.
+app.add_defaults(lambda: settings(current()))

@@ -16,37 +16,78 @@ try:
 except ImportError:  # without it, each embedding request is its own /api/embed call
     Batches = None
 
-from .app import app, current
-from .ollama import Ollama, OllamaError, OllamaUnavailable
+from . import gpu
+from .app import app, broker_priority, current
+from .ollama import Ollama, OllamaDown, OllamaError, OllamaUnavailable
+from .signals import header, mark_on_gpu
 
 logger = logging.getLogger(__name__)
-_cfg = current()  # tasks are built once per process, with the config it started with
 
 
 def ollama() -> Ollama:
+    return Ollama.from_config(current())
+
+
+def backoff(cfg, retries: int) -> float:
+    """Seconds before retry number ``retries + 1``, from ``[retry]``."""
+    return get_exponential_backoff_interval(
+        factor=cfg.retry_backoff, retries=retries, maximum=cfg.retry_backoff_max,
+        full_jitter=cfg.retry_jitter)
+
+
+def priority(request) -> int:
+    """The role priority a request was sent with (0 is served first)."""
     cfg = current()
-    return Ollama(cfg.ollama_url, connect_timeout=cfg.connect_timeout,
-                  stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
+    role = cfg.roles.get(header(request, 'x-role'))
+    if role is not None:
+        return role.priority
+    sent = (getattr(request, 'delivery_info', None) or {}).get('priority') or 0
+    return broker_priority(cfg, sent)  # its own inverse on RabbitMQ
 
 
-RETRY = dict(autoretry_for=(OllamaUnavailable,), retry_backoff=_cfg.retry_backoff,
-             retry_backoff_max=_cfg.retry_backoff_max, retry_jitter=_cfg.retry_jitter,
-             max_retries=_cfg.max_retries)
+def on_gpu(task, call):
+    """``call()`` holding one of the box's GPU slots (``[gpu] slots``)."""
+    with gpu.slot(current(), priority(task.request)) as waited:
+        if waited:
+            mark_on_gpu(task.request.id)
+        return call()
 
 
-@app.task(name='tasks.generate', **RETRY)
-def generate(model: str, prompt: str, system: str = '', images=None, options=None) -> dict:
-    return ollama().generate(model, prompt, system=system, images=images, options=options)
+def retrying(task, call):
+    """``call()``, retried later by ``[retry]`` (read at run time) when Ollama
+    cannot serve it.  While Ollama is down the retries do not run out: the
+    worker stops taking requests meanwhile (:mod:`tasks.availability`), and the
+    message's expiry (``maintenance.request_expiry``) still bounds the wait."""
+    try:
+        return on_gpu(task, call)
+    except OllamaUnavailable as exc:
+        cfg = current()
+        # Down: one more retry always allowed (Celery reads None as its default).
+        limit = task.request.retries + 1 if isinstance(exc, OllamaDown) else cfg.max_retries
+        raise task.retry(exc=exc, countdown=backoff(cfg, task.request.retries),
+                         max_retries=limit) from None
 
 
-@app.task(name='tasks.chat', **RETRY)
-def chat(model: str, messages: list, options=None) -> dict:
-    return ollama().chat(model, messages, options=options)
+@app.task(name='tasks.generate', bind=True)
+def generate(self, model: str, prompt: str, system: str = '', images=None, options=None,
+             format=None, keep_alive=None, think=None) -> dict:
+    return retrying(self, lambda: ollama().generate(
+        model, prompt, system=system, images=images, options=options, format=format,
+        keep_alive=keep_alive, think=think))
 
 
-def _embed_one(model: str, input) -> dict:
+@app.task(name='tasks.chat', bind=True)
+def chat(self, model: str, messages: list, options=None, format=None, keep_alive=None,
+         think=None, tools=None) -> dict:
+    return retrying(self, lambda: ollama().chat(
+        model, messages, options=options, format=format, keep_alive=keep_alive,
+        think=think, tools=tools))
+
+
+def _embed_one(self, model: str, input) -> dict:
     """One embedding request, unbatched (used when celery-batches is missing)."""
-    out = ollama().embed(model, [input] if isinstance(input, str) else list(input))
+    out = retrying(self, lambda: ollama().embed(
+        model, [input] if isinstance(input, str) else list(input)))
     result = {'model': model, 'embeddings': out['embeddings'], 'batch_size': 1,
               'prompt_eval_count': out.get('prompt_eval_count'),
               'total_duration': out.get('total_duration'),
@@ -75,7 +116,8 @@ def _embed_batch(self, requests) -> dict:
             spans.append((len(inputs), len(inputs) + len(items), isinstance(text, str)))
             inputs.extend(items)
         try:
-            out = ollama().embed(model, inputs)
+            with gpu.slot(current(), min(priority(r) for r in reqs)):
+                out = ollama().embed(model, inputs)
         except OllamaUnavailable as exc:
             for req in reqs:
                 outcomes[req.id] = _retry_or_fail(self, req, exc)
@@ -104,10 +146,20 @@ def _embed_batch(self, requests) -> dict:
 
 if Batches is None:
     logger.warning('celery-batches is not installed: embedding requests are not batched')
-    embed = app.task(name='tasks.embed', is_batch=False, **RETRY)(_embed_one)
+    embed = app.task(name='tasks.embed', bind=True, is_batch=False)(_embed_one)
 else:
-    embed = app.task(name='tasks.embed', base=Batches, flush_every=_cfg.embed_batch_size,
-                     flush_interval=_cfg.embed_batch_wait, bind=True, is_batch=True
+    class EmbedBatches(Batches):
+        """Batch size and wait from ``[embedding]``, read when the worker runs."""
+
+        @property
+        def flush_every(self):
+            return current().embed_batch_size
+
+        @property
+        def flush_interval(self):
+            return current().embed_batch_wait
+
+    embed = app.task(name='tasks.embed', base=EmbedBatches, bind=True, is_batch=True
                      )(_embed_batch)
 
 
@@ -119,12 +171,10 @@ def _retry_or_fail(task, req, exc):
     """Autoretry for one request of a batch: send it again with a countdown."""
     cfg = current()
     retries = int(req.request_dict.get('retries') or 0)
-    if retries >= cfg.max_retries:
+    if retries >= cfg.max_retries and not isinstance(exc, OllamaDown):
         task.backend.mark_as_failure(req.id, exc, request=req)
         return ('failed', f'{exc} (gave up after {retries} retries)')
-    countdown = get_exponential_backoff_interval(
-        factor=cfg.retry_backoff, retries=retries, maximum=cfg.retry_backoff_max,
-        full_jitter=cfg.retry_jitter)
+    countdown = backoff(cfg, retries)
     info = req.delivery_info or {}
     headers = {k: req.request_dict[k] for k in ('x-client',) if req.request_dict.get(k)}
     task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown,

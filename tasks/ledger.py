@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 
 from sqlalchemy import (JSON, Float, Index, Integer, String, Text, create_engine, event,
-                        select)
+                        func, inspect, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED = (
@@ -52,6 +52,7 @@ class Request(Base):
     load_duration: Mapped[float | None] = mapped_column(Float)
     prompt_eval_duration: Mapped[float | None] = mapped_column(Float)
     eval_duration: Mapped[float | None] = mapped_column(Float)
+    done_reason: Mapped[str | None] = mapped_column(String(32))  # stop, length, load...
     error: Mapped[str | None] = mapped_column(Text)
     response: Mapped[dict | None] = mapped_column(JSON)
     response_expires_at: Mapped[float | None] = mapped_column(Float)
@@ -93,8 +94,10 @@ def _sqlite_pragmas(dbapi_conn, _record):
 
 def _sqlite_begin(conn):
     # IMMEDIATE takes the write lock up front: a read-then-write transaction
-    # (the per-user limit check) cannot fail with SQLITE_BUSY half-way.
-    conn.exec_driver_sql('BEGIN IMMEDIATE')
+    # (the per-user limit check) cannot fail with SQLITE_BUSY half-way.  A
+    # read-only look (read_session) takes no lock: WAL readers never wait.
+    read_only = conn.get_execution_options().get('tasks_read_only')
+    conn.exec_driver_sql('BEGIN' if read_only else 'BEGIN IMMEDIATE')
 
 
 def engine(url: str):
@@ -112,8 +115,21 @@ def engine(url: str):
                 event.listen(eng, 'connect', _sqlite_pragmas)
                 event.listen(eng, 'begin', _sqlite_begin)
             Base.metadata.create_all(eng)
+            _add_new_columns(eng)
             _engines[key] = eng
         return eng
+
+
+def _add_new_columns(eng):
+    """A ledger written by an older version gets the (nullable) columns added since."""
+    with eng.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            have = {c['name'] for c in inspect(conn).get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=eng.dialect)
+                    conn.exec_driver_sql(
+                        f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}')
 
 
 @contextmanager
@@ -121,6 +137,33 @@ def session(url: str):
     """A transaction: committed on success, rolled back on error."""
     with Session(engine(url), expire_on_commit=False) as s, s.begin():
         yield s
+
+
+@contextmanager
+def read_session(url: str):
+    """A transaction that only reads: it never waits for, nor holds, the write lock."""
+    bind = engine(url).execution_options(tasks_read_only=True)
+    with Session(bind, expire_on_commit=False) as s, s.begin():
+        yield s
+
+
+def counts(url: str) -> dict[tuple[str, str], int]:
+    """Requests by (model, status), read without taking the write lock."""
+    with read_session(url) as s:
+        return {(model, status): n for model, status, n in s.execute(
+            select(Request.model, Request.status, func.count()).group_by(
+                Request.model, Request.status))}
+
+
+def spike_episodes(url: str, since: float | None = None) -> list[dict]:
+    """Spike mode episodes (queue, started_at, ended_at, depth_at_start, refused)."""
+    with read_session(url) as s:
+        q = select(SpikeEpisode).order_by(SpikeEpisode.started_at)
+        if since is not None:
+            q = q.where(SpikeEpisode.started_at >= since)
+        return [{'queue': e.queue, 'started_at': e.started_at, 'ended_at': e.ended_at,
+                 'depth_at_start': e.depth_at_start, 'refused': e.refused}
+                for e in s.scalars(q)]
 
 
 def active_count(s: Session, user_id: str) -> int:

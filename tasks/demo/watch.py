@@ -6,7 +6,6 @@ picture), so they are taken whether or not the terminal shows them.
 """
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 
@@ -14,9 +13,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-
-def _ledger_path(url: str) -> str:
-    return url.split(':///', 1)[1]
+from .. import ledger
 
 
 class Sampler(threading.Thread):
@@ -33,24 +30,18 @@ class Sampler(threading.Thread):
     def run(self):
         from kombu_sqlite import Broker
 
-        from . import ledger as ledger_mod
-        ledger_mod.engine(self.cfg.ledger_url)  # creates the tables if no one has yet
         broker = Broker(self.cfg.broker_url)
-        # Read-only: the ledger's own sessions take the write lock even to read.
-        ledger = sqlite3.connect(f'file:{_ledger_path(self.cfg.ledger_url)}?mode=ro',
-                                 uri=True, timeout=10)
         try:
             while not self.stop_event.is_set():
                 try:
-                    self.samples.append(self.sample(broker, ledger))
+                    self.samples.append(self.sample(broker))
                 except Exception as exc:  # noqa: BLE001  a missed sample is not fatal
                     self.error = f'{type(exc).__name__}: {exc}'
                 self.stop_event.wait(self.interval)
         finally:
             broker.close()
-            ledger.close()
 
-    def sample(self, broker, ledger) -> dict:
+    def sample(self, broker) -> dict:
         stats = broker.stats()
         out = {'t': time.time(), 'ready': {}, 'leased': {}, 'running': {}, 'status': {}}
         for m in self.cfg.models.values():
@@ -59,8 +50,7 @@ class Sampler(threading.Thread):
                                     q.get('ready_by_priority', {}).items()}
             out['leased'][m.name] = q.get('leased', 0)
             out['running'][m.name] = 0
-        for model, status, n in ledger.execute(
-                'SELECT model, status, count(*) FROM tasks_request GROUP BY model, status'):
+        for (model, status), n in ledger.counts(self.cfg.ledger_url).items():
             out['status'][status] = out['status'].get(status, 0) + n
             if status == 'running' and model in out['running']:
                 out['running'][model] = n
@@ -71,7 +61,7 @@ class Sampler(threading.Thread):
 
 
 def _phase(sizing, elapsed: float) -> str:
-    from .demo_load import PHASES
+    from .load import PHASES
     if elapsed is None:
         return 'starting'
     for name, a, b in PHASES:

@@ -1,13 +1,10 @@
 """The processes the demo runs: the simulator, a worker per model, Flower.
 
 Each runs in its own session (process group), so a Ctrl-C in the terminal
-reaches only the demo, which then stops them in order: SIGTERM to each main process
-(workers finish what they run), a wait, SIGKILL to whatever is left in its group.
+reaches only the demo, which then stops them as :func:`tasks.workers.stop` does.
 """
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +13,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from .. import workers
 
 
 def free_port(preferred: int = 0) -> int:
@@ -35,14 +34,6 @@ def answers(url: str, auth=None, timeout=1.0) -> bool:
         return httpx.get(url, auth=auth, timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def ollama_models(url: str) -> set[str]:
-    try:
-        tags = httpx.get(f'{url}/api/tags', timeout=5).json().get('models', [])
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return set()
-    return {m.get('name') for m in tags} | {m.get('model') for m in tags}
 
 
 class Stack:
@@ -89,47 +80,22 @@ class Stack:
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.procs.items()}
 
-    def stop(self, timeout: float = 15.0):
+    def stop(self, grace: float = 15.0):
         with self.lock:
             procs = list(self.procs.items())
-        for _, proc in procs:
-            # The main process only: a worker then stops its own pool (warm shutdown).
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for _, proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for _, proc in procs:
-            # The group: a worker's pool children too, should one outlive it.
-            _signal_group(proc, signal.SIGKILL)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _signal_group(proc, sig):
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        return workers.stop(procs, grace)
 
 
 def start_simulator(stack: Stack, sizing, port: int) -> str:
-    from .demo_load import SLOTS
-    models = ','.join(f'{m}={n}' for m, n in SLOTS.items())
+    models = ','.join(f'{m}={n}' for m, n in sizing.slots.items())
     stack.start('simulator', [sys.executable, '-m', 'tasks.simulator', '--port', str(port),
                               '--models', models, '--token-rate', f'{sizing.token_rate:.3f}'])
     return f'http://127.0.0.1:{port}'
 
 
 def start_workers(stack: Stack, cfg) -> list[str]:
-    from .workers import commands
     names = []
-    for model, cmd in commands(cfg, loglevel='info', beat=False):
+    for model, cmd, *_ in workers.commands(cfg, loglevel='info', beat=False):
         stack.start(f'worker-{model}', cmd)
         names.append(f'worker-{model}')
     return names

@@ -24,7 +24,6 @@ BURST_MIX = {'system': 0.03, 'executive': 0.06, 'director': 0.08, 'manager': 0.1
 TYPE_MIX = {'transcript': 0.40, 'compliance': 0.27, 'document': 0.33}
 TYPE_COST = {'transcript': 1.0, 'compliance': 1.4, 'document': 1.2}
 TOKENS_PER_UNIT = 30   # tokens a transcript answer has
-SLOTS = {'gpt-oss:20b': 2, 'llama3.2-vision:11b': 1}
 BURST_REQUESTS = 350   # at scale 1
 PHASES = (('steady', 0.0, 0.30), ('burst', 0.30, 0.55), ('recovery', 0.55, 1.0))
 STEADY_LOAD, RECOVERY_LOAD = 0.6, 0.25  # fractions of what the slots can serve
@@ -43,6 +42,7 @@ class Sizing:
     unit: float          # seconds of GPU time a transcript takes
     token_rate: float    # simulator tokens per second
     spike_depth: int
+    slots: dict          # model -> GPU slots
 
     @property
     def tokens(self) -> dict:
@@ -52,44 +52,73 @@ class Sizing:
     def capacity(self) -> float:
         """Requests per second all the slots serve with the demo's type mix."""
         per_request = sum(TYPE_MIX[t] * TYPE_COST[t] for t in TYPE_MIX) * self.unit
-        return sum(SLOTS.values()) / per_request
+        return sum(self.slots.values()) / per_request
 
     def phase(self, name) -> tuple[float, float]:
         _, a, b = next(p for p in PHASES if p[0] == name)
         return a * self.duration, b * self.duration
 
 
+def builtin():
+    """The built-in configuration: the demo's models, request types and prompts."""
+    from ..config import load
+    return load('')
+
+
+def demo_slots(cfg) -> dict:
+    """GPU slots per model: two for the model most requests use, one for the others."""
+    share = {name: 0.0 for name in cfg.models}
+    for t, weight in TYPE_MIX.items():
+        share[cfg.request_types[t].model] += weight
+    busiest = max(share, key=share.get)
+    return {name: 2 if name == busiest else 1 for name, s in share.items() if s}
+
+
 def size(scale: float = 1.0, duration: float = 120.0) -> Sizing:
     # Not too few users even in a small run: per-user limits would cap the backlog.
     users = {role: max(1, round(n * max(scale, 0.35))) for role, n in POPULATION.items()}
     burst = max(20, round(BURST_REQUESTS * scale))
+    slots = demo_slots(builtin())
     window = (PHASES[1][2] - PHASES[1][1]) * duration
     # Service time from the overload wanted during the burst; bounded so that a
     # request is long against dispatch overheads and short against the run.
-    per_request = OVERLOAD * window / burst * sum(SLOTS.values())
+    per_request = OVERLOAD * window / burst * sum(slots.values())
     mean_cost = sum(TYPE_MIX[t] * TYPE_COST[t] for t in TYPE_MIX)
     unit = min(4.0, max(0.5, per_request / mean_cost))
     return Sizing(scale=scale, duration=duration, users=users, burst_requests=burst,
                   unit=unit, token_rate=TOKENS_PER_UNIT / unit,
-                  spike_depth=max(10, round(30 * scale)))
+                  spike_depth=max(10, round(30 * scale)), slots=slots)
 
 
-def config(sizing: Sizing, data_dir) -> dict:
-    """The demo's tasks configuration (written as TOML for every process)."""
-    from .config import _PROMPTS
-    return {
+ADMISSION_CONTROLS = ('spike-mode', 'user-limits')
+
+
+def config(sizing: Sizing, without=()) -> dict:
+    """The demo's tasks configuration (written as TOML for every process): the
+    built-in request types, answers sized for the run, its models' slots.
+
+    ``without`` turns admission controls off (``spike-mode``, ``user-limits``)
+    to show what they do; the criteria then fail, as they should.
+    """
+    base = builtin()
+    types = base.request_types
+    depth = 10 ** 9 if 'spike-mode' in without else sizing.spike_depth
+    out = {
         'visibility_timeout': 30,
         'ollama': {'stall_timeout': 30, 'timeout': 120, 'connect_timeout': 2},
         'retry': {'max_retries': 3, 'backoff': 1, 'backoff_max': 4},
-        'spike': {'depth': sizing.spike_depth,
-                  'resume_depth': sizing.spike_depth // 2, 'cutoff_role': 'executive'},
-        'models': {name: {'slots': n} for name, n in SLOTS.items()},
+        'spike': {'depth': depth, 'resume_depth': depth // 2,
+                  'cutoff_role': base.spike_cutoff_role},
+        'models': {name: {'slots': n} for name, n in sizing.slots.items()},
         'request_types': {
-            t: {'model': 'llama3.2-vision:11b' if t == 'document' else 'gpt-oss:20b',
-                'task': 'chat' if t == 'document' else 'generate',
-                'prompt': _PROMPTS[t], 'options': {'num_predict': n}}
+            t: {'model': types[t].model, 'task': types[t].task, 'prompt': types[t].prompt,
+                'system': types[t].system, 'options': {**types[t].options, 'num_predict': n}}
             for t, n in sizing.tokens.items()},
     }
+    if 'user-limits' in without:
+        out['roles'] = {r.name: {'priority': r.priority, 'limit': 0}
+                        for r in base.roles.values()}
+    return out
 
 
 @dataclass(order=True)
