@@ -8,7 +8,12 @@ package reads no file and creates nothing: the configuration
 from .app import app, configure, current
 from .config import ConfigError
 from . import inference, signals  # registers the tasks and the ledger's signal handlers
+from . import flower_view  # registers the worker's pool_grow guard
 from .admission import Overloaded, ResourceLimitExceeded, submit
+from .directory import RoleNotAllowed
+from .cancel import CancelNotAllowed, cancel
+from .status import status
 
-__all__ = ['app', 'submit', 'Overloaded', 'ResourceLimitExceeded', 'ConfigError',
-           'configure', 'current', 'inference', 'signals']
+__all__ = ['app', 'submit', 'cancel', 'status', 'Overloaded', 'ResourceLimitExceeded',
+           'RoleNotAllowed', 'CancelNotAllowed', 'ConfigError', 'configure', 'current',
+           'inference', 'signals']

@@ -13,7 +13,7 @@ from celery import signals
 
 from . import ledger, ollama
 from .app import app, current
-from .ledger import FAILED, QUEUED, RUNNING, SUCCEEDED, EXPIRED, Request
+from .ledger import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, EXPIRED, Request
 
 logger = logging.getLogger(__name__)
 LEDGERED = ('tasks.generate', 'tasks.chat', 'tasks.embed')
@@ -44,6 +44,11 @@ def _row(s, task_id, request=None, kwargs=None) -> Request:
     return row
 
 
+def _settled(row) -> bool:
+    # A cancelled request stays cancelled, whatever its worker reports after.
+    return row.status == CANCELLED
+
+
 def _safely(fn):
     # The ledger must never take a task down with it; log and carry on.
     def wrapper(*args, **kwargs):
@@ -58,6 +63,8 @@ def mark_running(task_id, request=None, kwargs=None, worker=None):
     now = ledger.now()
     with ledger.session(current().ledger_url) as s:
         row = _row(s, task_id, request, kwargs)
+        if _settled(row):
+            return
         row.status = RUNNING
         row.started_at = now
         row.wait_seconds = now - row.created_at
@@ -71,6 +78,8 @@ def mark_succeeded(task_id, result: dict):
     now = ledger.now()
     with ledger.session(cfg.ledger_url) as s:
         row = _row(s, task_id)
+        if _settled(row):
+            return
         row.status = SUCCEEDED
         row.completed_at = now
         row.run_seconds = now - (row.started_at or now)
@@ -88,6 +97,8 @@ def mark_failed(task_id, error: str, status=FAILED):
     now = ledger.now()
     with ledger.session(current().ledger_url) as s:
         row = _row(s, task_id)
+        if _settled(row):
+            return
         row.status = status
         row.completed_at = now
         if row.started_at:
@@ -98,6 +109,8 @@ def mark_failed(task_id, error: str, status=FAILED):
 def mark_retrying(task_id, error: str):
     with ledger.session(current().ledger_url) as s:
         row = _row(s, task_id)
+        if _settled(row):
+            return
         row.status = QUEUED  # the broker holds the delayed retry
         row.retries = (row.retries or 0) + 1
         row.error = error
