@@ -11,8 +11,8 @@ from . import inference, signals  # registers the tasks and the ledger's signal 
 from . import flower_view  # registers the worker's pool_grow guard
 from .admission import Overloaded, ResourceLimitExceeded, submit
 from .directory import RoleNotAllowed
-from .cancel import CancelNotAllowed, cancel
-from .status import status
+from .cancellation import CancelNotAllowed, cancel
+from .queue_status import status
 
 __all__ = ['app', 'submit', 'cancel', 'status', 'Overloaded', 'ResourceLimitExceeded',
            'RoleNotAllowed', 'CancelNotAllowed', 'ConfigError', 'configure', 'current',

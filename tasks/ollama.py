@@ -151,7 +151,9 @@ class Ollama:
         body = {'model': model, 'messages': messages, 'options': options or {}}
         final = self._stream('/api/chat', body, lambda c: parts.append(
             (c.get('message') or {}).get('content', '')))
-        return {'model': model, 'message': {'role': 'assistant', 'content': ''.join(parts)},
+        text = ''.join(parts)  # 'response' as for generate: one shape for every answer
+        return {'model': model, 'response': text,
+                'message': {'role': 'assistant', 'content': text},
                 'done_reason': final.get('done_reason'), **stats(final)}
 
     def embed(self, model: str, inputs: list[str]) -> dict:

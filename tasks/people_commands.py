@@ -15,7 +15,7 @@ import click
 
 import tasks
 
-from . import directory, status as status_mod
+from . import directory, queue_status
 
 
 def _one_line(command):
@@ -102,7 +102,7 @@ def cancel(task_id, by_user, as_json):
 @_one_line
 def status(task_id, as_json):
     st = tasks.status(task_id)
-    click.echo(json.dumps(st, indent=2, default=str) if as_json else status_mod.describe(st))
+    click.echo(json.dumps(st, indent=2, default=str) if as_json else queue_status.describe(st))
 
 
 @click.command(help='Queued requests in serving order, with user, role, type, age, position.')
@@ -110,7 +110,7 @@ def status(task_id, as_json):
 @click.option('--json', 'as_json', is_flag=True)
 @_one_line
 def queue(model, as_json):
-    rows = status_mod.waiting(model)
+    rows = queue_status.waiting(model)
     if as_json:
         return _emit(rows)
     from rich.console import Console

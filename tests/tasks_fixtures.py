@@ -157,6 +157,8 @@ def start_redis(procs: Procs) -> str:
 
 BASE_CONFIG = {
     'visibility_timeout': 30,
+    # Tests of other features name any role; the directory's tests set their own.
+    'access': {'default_role': 'system'},
     'ollama': {'stall_timeout': 1.5, 'timeout': 30, 'connect_timeout': 1},
     'retry': {'max_retries': 4, 'backoff': 1, 'backoff_max': 2, 'jitter': False},
     'embedding': {'batch_size': 4, 'max_wait': 0.5},

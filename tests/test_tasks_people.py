@@ -1,0 +1,171 @@
+"""The people's side of ``tasks``: the user directory, cancel, status and queue,
+through real workers and the Ollama simulator, on kombu_sqlite and on Redis."""
+import json
+import time
+
+import pytest
+from celery.result import AsyncResult
+
+pytest_plugins = ['tasks_fixtures']
+
+LONG = {'num_predict': 2000}  # 5 s at the simulator's 400 tokens/s
+
+
+def test_roles_come_from_the_directory(tasks_env):
+    import tasks
+    tasks_env.configure(access={'default_role': 'staff'}, users={'alice': 'executive'})
+    # Her own role or a lower one: admitted.
+    tasks.submit('alice', 'executive', 'transcript', {'text': 'a'})
+    tasks.submit('alice', 'staff', 'transcript', {'text': 'b'})
+    # Higher: refused, naming user, claimed and allowed role, with a rejected row.
+    with pytest.raises(tasks.RoleNotAllowed) as info:
+        tasks.submit('alice', 'system', 'transcript', {'text': 'c'})
+    assert isinstance(info.value, PermissionError)
+    assert "'alice'" in str(info.value) and "'system'" in str(info.value) \
+        and "'executive'" in str(info.value)
+    assert (info.value.role, info.value.allowed) == ('system', 'executive')
+    rejected = [r for r in tasks_env.rows() if r.status == 'rejected']
+    assert [(r.user_id, r.role) for r in rejected] == [('alice', 'system')]
+    assert 'RoleNotAllowed' in rejected[0].error
+
+    # Anyone else gets [access] default_role.
+    tasks.submit('bob', 'staff', 'transcript', {'text': 'd'})
+    with pytest.raises(tasks.RoleNotAllowed):
+        tasks.submit('bob', 'analyst', 'transcript', {'text': 'e'})
+
+    # The ledger's table wins over [users]; remove goes back to the TOML.
+    r = tasks_env.run('users', 'set', 'bob', 'manager')
+    assert r.returncode == 0, r.stderr
+    assert tasks_env.run('users', 'set', 'alice', 'analyst').returncode == 0
+    tasks.submit('bob', 'manager', 'transcript', {'text': 'f'})
+    with pytest.raises(tasks.RoleNotAllowed):
+        tasks.submit('alice', 'executive', 'transcript', {'text': 'g'})
+    listed = json.loads(tasks_env.run('users', 'list', '--json').stdout)
+    assert {(u['user'], u['role'], u['source']) for u in listed['users']} == {
+        ('alice', 'analyst', 'ledger'), ('bob', 'manager', 'ledger')}
+    r = tasks_env.run('users', 'remove', 'alice')
+    assert r.returncode == 0 and 'now executive (config)' in r.stdout, r.stdout + r.stderr
+    tasks.submit('alice', 'executive', 'transcript', {'text': 'h'})
+    bad = tasks_env.run('users', 'set', 'bob', 'intern')
+    assert bad.returncode == 1 and "unknown role 'intern'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    # unknown_users = "refuse": only the directory's users may ask.
+    tasks_env.configure(access={'default_role': 'staff', 'unknown_users': 'refuse'},
+                        users={'alice': 'executive'})
+    with pytest.raises(tasks.RoleNotAllowed, match='not in the user directory'):
+        tasks.submit('carol', 'staff', 'transcript', {'text': 'i'})
+    r = tasks_env.run('submit', 'carol', 'staff', 'transcript', '--text', 'x')
+    assert r.returncode == 1 and 'RoleNotAllowed' in r.stderr
+
+
+def test_limits_count_per_asked_role(tasks_env):
+    import tasks
+    tasks_env.configure(users={'dana': 'executive'})
+    # No worker: requests stay queued.  staff allows 1, executive 3.
+    tasks.submit('dana', 'staff', 'transcript', {'text': 'a'})
+    with pytest.raises(tasks.ResourceLimitExceeded, match="role 'staff'"):
+        tasks.submit('dana', 'staff', 'transcript', {'text': 'b'})
+    for text in 'cde':  # the staff request does not count against executive
+        tasks.submit('dana', 'executive', 'transcript', {'text': text})
+    with pytest.raises(tasks.ResourceLimitExceeded, match="role 'executive'"):
+        tasks.submit('dana', 'executive', 'transcript', {'text': 'f'})
+
+
+def _served_texts(sim):
+    return ' '.join(s['text'] for s in sim.stats()['served'])
+
+
+def test_cancel_status_and_queue(any_broker_env):
+    import kombu_sqlite
+    import tasks
+    from tasks import cancellation as cancel_mod
+    from tasks_fixtures import wait_until
+    env = any_broker_env
+    env.configure(users={'uma': 'staff', 'vic': 'staff', 'wes': 'staff', 'xia': 'staff',
+                         'root': 'system'}, access={'default_role': 'staff'})
+    sqlite = env.broker_url is None
+    removes = sqlite and hasattr(kombu_sqlite.Broker, 'remove')
+
+    # Cancelled while no worker runs: the revoke broadcast reaches nobody, yet
+    # the worker started later never runs it (it reads the ledger).
+    early = tasks.submit('xia', 'staff', 'transcript', {'text': 'marker-early'})
+    r = env.run('cancel', early.id, '--by', 'xia')
+    assert r.returncode == 0 and 'cancelled' in r.stdout, r.stdout + r.stderr
+    env.worker()
+
+    running = tasks.submit('uma', 'staff', 'transcript',
+                           {'text': 'marker-running', 'options': LONG})
+    env.wait_status(running.id, 'running')
+    second = tasks.submit('vic', 'staff', 'compliance', {'text': 'marker-second'})
+    third = tasks.submit('wes', 'staff', 'transcript', {'text': 'marker-third'})
+
+    st = tasks.status(second.id)
+    assert (st['state'], st['position']) == ('queued', 1)
+    assert st['position_basis'].startswith('exact' if sqlite else 'estimate')
+    assert 0 < st['estimated_start_s'] <= 30
+    assert tasks.status(third.id)['position'] == 2
+    st = tasks.status(running.id)
+    assert st['state'] == 'running' and st['worker'] and st['running_s'] >= 0
+    r = env.run('queue', '--json')
+    assert r.returncode == 0, r.stderr
+    waiting = json.loads(r.stdout)
+    assert [(w['user'], w['position']) for w in waiting] == [('vic', 1), ('wes', 2)]
+    r = env.run('status', third.id)
+    assert r.returncode == 0 and 'position 2' in r.stdout, r.stdout + r.stderr
+
+    # Queued: only its user or a system user may cancel; the limit frees at once.
+    with pytest.raises(tasks.CancelNotAllowed):
+        tasks.cancel(second.id, by_user='wes')
+    with pytest.raises(tasks.ResourceLimitExceeded):
+        tasks.submit('vic', 'staff', 'transcript', {'text': 'again'})
+    out = tasks.cancel(second.id, by_user='vic')
+    assert (out.cancelled, out.was, out.status) == (True, 'queued', 'cancelled')
+    assert out.how == (cancel_mod.REMOVED if removes else cancel_mod.REVOKED)
+    if removes:
+        with kombu_sqlite.Broker(env.cfg.broker_url) as broker:
+            assert broker.position(env.cfg.models['gpt-oss:20b'].queue, second.id) is None
+    assert env.row(second.id).status == 'cancelled'
+    again = tasks.submit('vic', 'staff', 'compliance', {'text': 'marker-again'})
+    assert tasks.status(third.id)['position'] == 1  # the cancelled one is not ahead
+    assert tasks.status(again.id)['position'] == 2
+
+    # Running: stopped, its Ollama stream closed, the slot serves the next one.
+    t0, t0_wall = time.monotonic(), time.time()
+    assert tasks.cancel(running.id, by_user='root').how == cancel_mod.STOPPED
+    wait_until(lambda: env.sim.stats()['running'].get('gpt-oss:20b') == 0, 10,
+               'the simulator to see the stream closed')
+    stream_closed = time.monotonic() - t0
+    row = env.wait_status(third.id, ('running', 'succeeded'), timeout=20)
+    next_started = row.started_at - t0_wall
+    print(f'cancel of a running request: stream closed after {stream_closed:.2f}s, '
+          f'next request started {next_started:.2f}s after the cancel')
+    assert stream_closed < 5 and next_started < 8  # about 1 s here; loaded CI is slower
+    assert env.row(running.id).status == 'cancelled'
+    assert AsyncResult(running.id, app=tasks.app).state == 'REVOKED'
+
+    # Finished or unknown: said so, nothing changed.
+    env.wait_status(again.id, 'succeeded', timeout=30)
+    out = tasks.cancel(again.id, by_user='vic')
+    assert (out.cancelled, out.status) == (False, 'succeeded')
+    assert env.row(again.id).status == 'succeeded'
+    r = env.run('cancel', 'no-such-id')
+    assert r.returncode == 1 and 'no request no-such-id' in r.stdout
+    r = env.run('status', 'no-such-id')
+    assert r.returncode == 1 and 'no request no-such-id' in r.stderr
+
+    # The cancelled requests never reached Ollama; the others ran once each.
+    served = _served_texts(env.sim)
+    assert 'marker-early' not in served and 'marker-second' not in served
+    assert 'marker-third' in served and 'marker-again' in served
+    assert env.row(early.id).status == 'cancelled'
+    assert tasks.status(early.id)['state'] == 'cancelled'
+
+    # One answer shape: a chat answer has 'response' too (and Ollama's 'message').
+    answer = env.row(again.id).response
+    assert answer['response'].startswith('tok0') and answer['done_reason'] == 'stop'
+    assert answer['message']['content'] == answer['response']
+
+    r = env.run('stats', '--json')
+    assert r.returncode == 0, r.stderr
+    assert 'gpu.gpt-oss' in json.loads(r.stdout)
