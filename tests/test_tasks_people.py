@@ -1,5 +1,6 @@
 """The people's side of ``tasks``: the user directory, cancel, status and queue,
 through real workers and the Ollama simulator, on kombu_sqlite and on Redis."""
+import html
 import json
 import time
 
@@ -140,7 +141,7 @@ def test_cancel_status_and_queue(any_broker_env):
     next_started = row.started_at - t0_wall
     print(f'cancel of a running request: stream closed after {stream_closed:.2f}s, '
           f'next request started {next_started:.2f}s after the cancel')
-    assert stream_closed < 5 and next_started < 8  # about 1 s here; loaded CI is slower
+    assert stream_closed < 3 and next_started < 3  # 0.1-0.2 s here; loaded CI is slower
     assert env.row(running.id).status == 'cancelled'
     assert AsyncResult(running.id, app=tasks.app).state == 'REVOKED'
 
@@ -169,3 +170,74 @@ def test_cancel_status_and_queue(any_broker_env):
     r = env.run('stats', '--json')
     assert r.returncode == 0, r.stderr
     assert 'gpu.gpt-oss' in json.loads(r.stdout)
+
+
+def _flower(env, port):
+    import sys
+
+    import httpx
+    from tasks_fixtures import wait_until
+    proc = env.procs.start([sys.executable, '-m', 'tasks', 'flower', '--port', str(port)],
+                           env={**env.env, 'FLOWER_PASSWORD': 's3cret'}, name='flower')
+    base = f'http://127.0.0.1:{port}'
+
+    def up():
+        assert proc.poll() is None, env.procs.log(proc)
+        try:
+            return httpx.get(f'{base}/healthcheck', timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+    wait_until(up, 30, 'flower')
+    return base, proc
+
+
+def test_flower_shows_who_not_what(any_broker_env):
+    import httpx
+    from tasks_fixtures import free_port, wait_until
+    env = any_broker_env
+    env.configure(users={'ann': 'director'}, access={'default_role': 'staff'})
+    worker = env.worker()
+    base, _ = _flower(env, free_port())
+    auth = ('ops', 's3cret')
+    apply = f'{base}/api/task/async-apply/tasks.request'
+    assert httpx.post(apply, json={}).status_code == 401
+
+    # Flower's API cannot escalate: the directory says director.
+    r = httpx.post(apply, auth=auth, timeout=10, json={
+        'args': ['ann', 'system', 'transcript', {'text': 'marker-escalate'}]})
+    assert r.status_code == 200 and r.json()['state'] == 'FAILURE', r.text
+    refused = httpx.get(f'{base}/api/task/result/{r.json()["task-id"]}', auth=auth).json()
+    assert 'RoleNotAllowed' in str(refused['result']) and 'director' in str(refused['result'])
+    assert env.row(r.json()['task-id']).status == 'rejected'
+
+    r = httpx.post(apply, auth=auth, timeout=10, json={
+        'args': ['ann', 'director', 'transcript', {'text': 'marker-secret'}]})
+    task_id = r.json()['task-id']
+    env.wait_status(task_id, 'succeeded')
+
+    def seen():
+        info = httpx.get(f'{base}/api/task/info/{task_id}', auth=auth)
+        return info.json() if info.status_code == 200 and info.json().get(
+            'state') == 'SUCCESS' else None
+    info = wait_until(seen, 20, 'Flower to see the request succeed')
+    for field in ("'user': 'ann'", "'role': 'director'", "'priority': 2",
+                  "'request_type': 'transcript'", "'model': 'gpt-oss:20b'"):
+        assert field in info['kwargs'], info
+    page = html.unescape(httpx.get(f'{base}/task/{task_id}', auth=auth).text)
+    listing = httpx.get(f'{base}/tasks', auth=auth).text
+    everything = json.dumps(info) + page + httpx.get(f'{base}/api/tasks', auth=auth).text
+    assert "'user': 'ann'" in page and "'role': 'director'" in page
+    assert 'marker-secret' not in everything and 'tok0' not in everything
+    assert '>kwargs<' in listing and '>Result<' not in listing and '>args<' not in listing
+    log = env.procs.log(worker)
+    assert 'marker-secret' not in log and 'tok0' not in log
+
+    # Grow past the model's one slot: refused, and the worker log says so.
+    workers = httpx.get(f'{base}/api/workers?refresh=1', auth=auth, timeout=20).json()
+    name = next(w for w in workers if w.startswith('gpt-oss'))
+    r = httpx.post(f'{base}/api/worker/pool/grow/{name}?n=1', auth=auth, timeout=20)
+    assert r.status_code == 403, r.text
+    wait_until(lambda: 'refused to grow the pool' in env.procs.log(worker), 10,
+               'the refusal in the worker log')
+    stats = httpx.get(f'{base}/api/workers?refresh=1', auth=auth, timeout=20).json()
+    assert stats[name]['stats']['pool']['max-concurrency'] == 1
