@@ -232,6 +232,25 @@ def test_flower_shows_who_not_what(any_broker_env):
     log = env.procs.log(worker)
     assert 'marker-secret' not in log and 'tok0' not in log
 
+    # Around tasks.request, straight to the inference task: the worker checks it.
+    direct = f'{base}/api/task/async-apply/tasks.generate'
+    sent = {}
+    for role, priority in (('system', 0), ('director', 0), ('director', 2)):
+        r = httpx.post(direct, auth=auth, timeout=10, json={
+            'kwargs': {'model': 'gpt-oss:20b', 'prompt': f'marker-direct-{role}-{priority}'},
+            'priority': priority, 'headers': {'x-client': 'ann', 'x-role': role}})
+        assert r.status_code == 200, r.text
+        sent[role, priority] = r.json()['task-id']
+    assert env.wait_status(sent['director', 2], 'succeeded').role == 'director'
+    for key in (('system', 0), ('director', 0)):
+        row = env.wait_status(sent[key], 'rejected')
+        assert 'RoleNotAllowed' in row.error, row.error
+        result = httpx.get(f'{base}/api/task/result/{sent[key]}', auth=auth).json()
+        assert result['state'] == 'FAILURE' and 'RoleNotAllowed' in str(result['result'])
+    served = _served_texts(env.sim)
+    assert 'marker-direct-director-2' in served and 'marker-direct-system' not in served \
+        and 'marker-direct-director-0' not in served
+
     # Grow past the model's one slot: refused, and the worker log says so.
     workers = httpx.get(f'{base}/api/workers?refresh=1', auth=auth, timeout=20).json()
     name = next(w for w in workers if w.startswith('gpt-oss'))
@@ -241,3 +260,48 @@ def test_flower_shows_who_not_what(any_broker_env):
                'the refusal in the worker log')
     stats = httpx.get(f'{base}/api/workers?refresh=1', auth=auth, timeout=20).json()
     assert stats[name]['stats']['pool']['max-concurrency'] == 1
+
+
+@pytest.mark.parametrize('text, message', [
+    ('[access]\ndefault_role = "intern"', "access.default_role: unknown role 'intern'"),
+    ('[access]\nunknown_users = "maybe"', 'access.unknown_users: must be one of default, refuse'),
+    ('[access]\nunknown = "refuse"', 'access.unknown: unknown key'),
+    ('[users]\nalice = "ceo"', "users.alice: unknown role 'ceo'"),
+    ('[users]\nalice = 3', 'users.alice: expected str'),
+])
+def test_bad_directory_config_names_key_and_file(tmp_path, text, message):
+    from tasks import config
+    path = tmp_path / 'tasks.toml'
+    path.write_text(text + '\n')
+    with pytest.raises(config.ConfigError, match=f'{path}: {message}'):
+        config.load(path)
+
+
+SUBCOMMANDS = ['workers', 'submit u staff transcript', 'maintain', 'report', 'users list',
+               'users set u staff', 'cancel x', 'status x', 'queue', 'flower', 'stats']
+
+
+def test_every_subcommand_gives_one_line_for_a_bad_config(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from tasks_fixtures import ROOT
+    path = tmp_path / 'tasks.toml'
+    path.write_text('[access]\nunknown_users = "maybe"\n')
+    env = {**os.environ, 'TASKS_CONFIG': str(path), 'TASKS_DATA_DIR': str(tmp_path),
+           'FLOWER_PASSWORD': 'x'}
+    procs = {c: subprocess.Popen([sys.executable, '-m', 'tasks', *c.split()], cwd=ROOT,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for c in SUBCOMMANDS}
+    try:
+        for command, proc in procs.items():
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 1, (command, out, err)
+            assert err.strip().splitlines() == [
+                f'Error: {path}: access.unknown_users: must be one of default, refuse, '
+                f"got 'maybe'"], (command, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
