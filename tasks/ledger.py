@@ -87,6 +87,18 @@ class User(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class WorkerSpan(Base):
+    """One run of a worker, for utilisation over the time workers were up."""
+    __tablename__ = 'tasks_worker_span'
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    queues: Mapped[str] = mapped_column(Text)  # comma-separated
+    started_at: Mapped[float] = mapped_column(Float, index=True)
+    seen_at: Mapped[float] = mapped_column(Float)  # last heartbeat written
+    stopped_at: Mapped[float | None] = mapped_column(Float)
+
+
 _engines: dict = {}
 _lock = threading.Lock()
 

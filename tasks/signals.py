@@ -3,7 +3,8 @@
 Each handler updates the request's row by task id.  A request that runs again
 after its worker died is the same row (``attempts`` goes up), never a second
 one.  A request published without :func:`tasks.submit` (``apply_async`` by
-hand) gets its row when it starts, from its message headers.
+hand), once the worker has checked it against the user directory
+(:mod:`tasks.worker_request`), gets its row when it starts, from its headers.
 """
 from __future__ import annotations
 

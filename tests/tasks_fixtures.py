@@ -108,19 +108,23 @@ class Sim:
         return httpx.get(f'{self.url}/_sim/stats').json()
 
 
+def wait_http_ok(procs: Procs, proc, url: str, timeout: float, what: str):
+    """Until ``url`` answers 200; fails at once with the log if ``proc`` exits."""
+    def up():
+        assert proc.poll() is None, procs.log(proc)
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+    wait_until(up, timeout, what)
+
+
 def start_simulator(procs: Procs, *args) -> Sim:
     port = free_port()
     proc = procs.start([sys.executable, '-m', 'tasks.simulator', '--port', str(port), *args],
                        name='simulator')
     url = f'http://127.0.0.1:{port}'
-
-    def up():
-        assert proc.poll() is None, procs.log(proc)
-        try:
-            return httpx.get(f'{url}/api/version', timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-    wait_until(up, 15, 'the simulator')
+    wait_http_ok(procs, proc, f'{url}/api/version', 15, 'the simulator')
     return Sim(url, proc)
 
 
@@ -246,10 +250,10 @@ class TasksEnv:
             assert proc.poll() is None, self.procs.log(proc)
         return proc
 
-    def run(self, *args, timeout=60):
+    def run(self, *args, timeout=60, env=None):
         return subprocess.run([sys.executable, '-m', 'tasks', *args], cwd=ROOT,
-                              env={**os.environ, **self.env}, capture_output=True,
-                              text=True, timeout=timeout)
+                              env={**os.environ, **self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
 
     def rows(self):
         from tasks import ledger

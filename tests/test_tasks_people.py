@@ -171,23 +171,21 @@ def test_cancel_status_and_queue(any_broker_env):
     assert r.returncode == 0, r.stderr
     assert 'gpu.gpt-oss' in json.loads(r.stdout)
 
+    # Utilisation is over the time the model's worker was up, not the 24 h window.
+    r = env.run('report', '--json')
+    assert r.returncode == 0, r.stderr
+    util = json.loads(r.stdout)['model_utilisation']['gpt-oss:20b']
+    assert util['basis'] == 'worker uptime' and 5 < util['up_seconds'] < 600, util
+    assert util['utilisation'] > 0.01, util  # over 24 h it would read 0.0%
+
 
 def _flower(env, port):
     import sys
-
-    import httpx
-    from tasks_fixtures import wait_until
+    from tasks_fixtures import wait_http_ok
     proc = env.procs.start([sys.executable, '-m', 'tasks', 'flower', '--port', str(port)],
                            env={**env.env, 'FLOWER_PASSWORD': 's3cret'}, name='flower')
     base = f'http://127.0.0.1:{port}'
-
-    def up():
-        assert proc.poll() is None, env.procs.log(proc)
-        try:
-            return httpx.get(f'{base}/healthcheck', timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-    wait_until(up, 30, 'flower')
+    wait_http_ok(env.procs, proc, f'{base}/healthcheck', 30, 'flower')
     return base, proc
 
 
@@ -197,6 +195,9 @@ def test_flower_shows_who_not_what(any_broker_env):
     env = any_broker_env
     env.configure(users={'ann': 'director'}, access={'default_role': 'staff'})
     worker = env.worker()
+    no_password = env.run('flower', env={'FLOWER_PASSWORD': ''})
+    assert no_password.returncode == 1 and '$FLOWER_PASSWORD' in no_password.stderr
+    assert len(no_password.stderr.strip().splitlines()) == 1
     base, _ = _flower(env, free_port())
     auth = ('ops', 's3cret')
     apply = f'{base}/api/task/async-apply/tasks.request'
@@ -305,3 +306,30 @@ def test_every_subcommand_gives_one_line_for_a_bad_config(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_utilisation_over_worker_uptime(tasks_env):
+    from tasks import ledger, report
+    from tasks.ledger import WorkerSpan
+    cfg = tasks_env.configure()
+    now = ledger.now()
+    with ledger.session(cfg.ledger_url) as s:
+        # Two overlapping runs of the model's worker (counted once), one killed
+        # 20 min ago (seen last then), and the embedding worker's own run.
+        s.add(WorkerSpan(hostname='a', queues='gpu.gpt-oss', started_at=now - 3000,
+                         seen_at=now - 2400, stopped_at=now - 2400))
+        s.add(WorkerSpan(hostname='b', queues='gpu.gpt-oss,x', started_at=now - 2700,
+                         seen_at=now - 1200, stopped_at=None))
+        s.add(WorkerSpan(hostname='c', queues='gpu.embed', started_at=now - 100,
+                         seen_at=now - 10, stopped_at=None))
+        s.add(ledger.Request(task_id='t', user_id='u', role='staff', priority=5,
+                             request_type='transcript', model='gpt-oss:20b', queue='q',
+                             status='succeeded', created_at=now - 2900,
+                             started_at=now - 2890, run_seconds=360.0,
+                             completed_at=now - 2530, attempts=1, retries=0))
+    data = report.build(cfg, since=now - 86400, now=now)
+    util = data['model_utilisation']
+    assert util['gpt-oss:20b']['up_seconds'] == pytest.approx(1800)
+    assert util['gpt-oss:20b']['utilisation'] == pytest.approx(0.2)
+    assert util['nomic-embed-text']['up_seconds'] == pytest.approx(100, abs=1)
+    assert {u['basis'] for u in util.values()} == {'worker uptime'}
