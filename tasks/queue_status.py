@@ -21,7 +21,8 @@ from .app import broker_kind, current
 from .ledger import CANCELLED, QUEUED, RUNNING, Request
 
 EXACT = 'exact: the order kombu_sqlite claims in'
-ESTIMATE = 'estimate: by role priority, then arrival, from the ledger ({broker} cannot list a queue in serving order)'
+ESTIMATE = ('estimate: by role priority, then arrival, from the ledger '
+            '({broker} cannot list a queue in serving order)')
 HELD = 'taken by a worker, about to start (or a retry waiting for its delay)'
 
 
