@@ -252,9 +252,24 @@ def test_flower_shows_who_not_what(any_broker_env):
     assert 'marker-direct-director-2' in served and 'marker-direct-system' not in served \
         and 'marker-direct-director-0' not in served
 
-    # Grow past the model's one slot: refused, and the worker log says so.
+    # A worker's active requests (Flower's worker page, celery inspect active).
+    import tasks
+    r = httpx.post(apply, auth=auth, timeout=10, json={
+        'args': ['ann', 'director', 'transcript', {'text': 'marker-active', 'options': LONG}]})
+    active_id = r.json()['task-id']
+    env.wait_status(active_id, 'running')
     workers = httpx.get(f'{base}/api/workers?refresh=1', auth=auth, timeout=20).json()
     name = next(w for w in workers if w.startswith('gpt-oss'))
+    seen_by_flower = httpx.get(f'{base}/api/workers?refresh=1&workername={name}',
+                               auth=auth, timeout=20).json()
+    inspected = tasks.app.control.inspect(timeout=5).active()  # safe=False: the raw args
+    for answer in (seen_by_flower, inspected):
+        [active] = answer[name]['active'] if answer is seen_by_flower else answer[name]
+        assert active['id'] == active_id and "'user': 'ann'" in str(active['kwargs'])
+        assert 'marker-active' not in json.dumps(answer)
+    assert tasks.cancel(active_id, by_user='ann').how == 'stopped while running'
+
+    # Grow past the model's one slot: refused, and the worker log says so.
     r = httpx.post(f'{base}/api/worker/pool/grow/{name}?n=1', auth=auth, timeout=20)
     assert r.status_code == 403, r.text
     wait_until(lambda: 'refused to grow the pool' in env.procs.log(worker), 10,
