@@ -31,12 +31,13 @@ def cli():
 
 
 @cli.command(help='Start one Celery worker per model (-Q <model queue> -c <slots>) and a '
-                  'maintenance worker with beat; Ctrl-C stops them cleanly.')
+                  'maintenance worker with beat, restart any that dies or wedges; '
+                  'Ctrl-C or SIGTERM stops them warm ([supervisor] in the config).')
 @click.option('--loglevel', '-l', default='info', show_default=True)
 @click.option('--no-beat', is_flag=True, help='Do not start the maintenance worker and beat.')
 @click.option('--model', 'models', multiple=True, help='Only this model (repeatable).')
 def workers(loglevel, no_beat, models):
-    from .workers import run
+    from .supervisor import run
     sys.exit(run(tasks.current(), loglevel=loglevel, beat=not no_beat,
                  models=set(models) or None, echo=click.echo))
 

@@ -17,7 +17,7 @@ from kombu.exceptions import ChannelError
 from kombu.utils.uuid import uuid
 from sqlalchemy import select
 
-from . import directory, ledger
+from . import config, directory, ledger
 from .app import app, broker_priority, current
 from .ledger import QUEUED, REJECTED, Request, SpikeEpisode
 from .worker_request import public_fields
@@ -40,10 +40,19 @@ class ResourceLimitExceeded(Exception):
 
 
 def build_call(cfg, request_type, model, payload):
-    """(task name, kwargs) for a request, with its prompt rendered."""
+    """(task name, kwargs) for a request, with its prompt rendered.
+
+    ``format``, ``keep_alive``, ``think`` and ``tools`` come from the request
+    type, and a payload may set them too.
+    """
     if not isinstance(payload, dict):
         raise ValueError(f'payload must be a dict, got {type(payload).__name__}')
     options = {**request_type.options, **(payload.get('options') or {})}
+
+    def bad(field, message):
+        raise ValueError(f"payload['{field}']: {message}")
+    extra = {**request_type.ollama_fields(),
+             **{k: v for k, v in config.ollama_fields(payload, bad).items() if v is not None}}
     if request_type.task == 'embed':
         text = payload.get('input', payload.get('text'))
         if not isinstance(text, (str, list)) or not text:
@@ -63,10 +72,13 @@ def build_call(cfg, request_type, model, payload):
         if images:
             user['images'] = images
         return 'tasks.chat', {'model': model.name, 'messages': messages + [user],
-                              'options': options}
+                              'options': options, **extra}
+    if 'tools' in extra:
+        raise ValueError(f'request type {request_type.name!r} is not a chat: it cannot '
+                         f'offer tools')
     return 'tasks.generate', {'model': model.name, 'prompt': prompt,
                               'system': request_type.system, 'images': images,
-                              'options': options}
+                              'options': options, **extra}
 
 
 def resolve(cfg, role, request_type, model):

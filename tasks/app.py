@@ -75,7 +75,13 @@ def settings(cfg) -> dict:
     if kind == 'redis':
         # One list per priority 0-9, served strictly lowest first, like sqlite.
         transport_options.update(priority_steps=list(range(10)), sep=':',
-                                 queue_order_strategy='priority')
+                                 queue_order_strategy='priority',
+                                 # A dead worker's request is back within about a
+                                 # quarter of the visibility timeout after it
+                                 # expires, not kombu's 10 x 10 s sweep.
+                                 unacked_restore_interval=max(1.0, min(
+                                     10.0, cfg.visibility_timeout / 4)),
+                                 unacked_restore_throttle=1)
     return dict(
         broker_url=cfg.broker_url,
         result_backend=cfg.result_backend,

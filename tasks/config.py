@@ -9,6 +9,7 @@ section is merged key by key.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,14 @@ class RequestType:
     prompt: str
     system: str
     options: dict
+    # Passed to Ollama as they are when set (a payload may set them too).
+    format: str | dict | None = None
+    keep_alive: str | float | None = None
+    think: bool | str | None = None
+    tools: list | None = None
+
+    def ollama_fields(self) -> dict:
+        return {k: getattr(self, k) for k in OLLAMA_FIELDS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,19 @@ class Role:
     name: str
     priority: int
     limit: int | None  # None: unlimited
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """``[supervisor]``: how ``python -m tasks workers`` keeps workers serving."""
+    restart_backoff: float      # first wait before a restart; doubles each time
+    restart_backoff_max: float
+    max_restarts: int           # restarts of one worker within restart_window...
+    restart_window: float       # ...after which the command gives up
+    check_interval: float       # how often each worker is pinged and inspected
+    unresponsive_after: float   # no ping answer this long: restarted
+    stuck_after: float          # a request held, not started, with a slot free: restarted
+    shutdown_grace: float       # a warm shutdown waits this long for running requests
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,8 @@ class Config:
     embed_batch_wait: float
     maintain_interval: float
     request_expiry: float
+    supervision: Supervision
+    gpu_slots: int  # inferences at once on the box, across all models
     models: dict[str, Model] = field(default_factory=dict)
     request_types: dict[str, RequestType] = field(default_factory=dict)
     roles: dict[str, Role] = field(default_factory=dict)
@@ -120,6 +144,11 @@ DEFAULTS = {
     'spike': {'depth': 50, 'resume_depth': 25, 'cutoff_role': 'executive'},
     'embedding': {'batch_size': 16, 'max_wait': 0.2},
     'maintenance': {'interval': 3600.0, 'request_expiry': 86400.0},
+    'supervisor': {'restart_backoff': 1.0, 'restart_backoff_max': 60.0, 'max_restarts': 5,
+                   'restart_window': 600.0, 'check_interval': 10.0,
+                   'unresponsive_after': 60.0, 'stuck_after': 120.0,
+                   'shutdown_grace': None},  # None: ollama.timeout
+    'gpu': {'slots': None},  # None: the sum of the models' slots
     'users': {},              # user id = role; the ledger's tasks_user table wins
     'access': {'default_role': 'staff', 'unknown_users': 'default'},
     'models': {
@@ -146,7 +175,8 @@ DEFAULTS = {
 
 REPLACED_TABLES = ('models', 'request_types', 'roles')
 MODEL_KEYS = {'queue', 'slots', 'max_queue', 'embedding'}
-REQUEST_TYPE_KEYS = {'model', 'task', 'prompt', 'system', 'options'}
+OLLAMA_FIELDS = ('format', 'keep_alive', 'think', 'tools')
+REQUEST_TYPE_KEYS = {'model', 'task', 'prompt', 'system', 'options', *OLLAMA_FIELDS}
 ROLE_KEYS = {'priority', 'limit'}
 
 
@@ -219,7 +249,8 @@ def load(path: str | os.PathLike | None = None, **overrides) -> Config:
     raw = _merge(raw, overrides) if overrides else raw
     r = _Reader(raw, where)
     r.check_keys('', raw, set(DEFAULTS))
-    for section in ('ollama', 'retry', 'spike', 'embedding', 'maintenance', 'access'):
+    for section in ('ollama', 'retry', 'spike', 'embedding', 'maintenance', 'supervisor',
+                    'gpu', 'access'):
         if section in raw:
             r.check_keys(section, raw[section], set(DEFAULTS[section]))
     r = _Reader(_merge(DEFAULTS, raw), where)
@@ -267,10 +298,28 @@ def _build(r: _Reader) -> Config:
         embed_batch_size=r.get('embedding.batch_size', int, minimum=1, maximum=1000),
         embed_batch_wait=r.get('embedding.max_wait', float, minimum=0.001),
         maintain_interval=r.get('maintenance.interval', float, minimum=1),
+        supervision=_supervision(r),
+        gpu_slots=r.get('gpu.slots', int, minimum=1, allow_none=True)
+        or sum(m.slots for m in models.values()),
         request_expiry=r.get('maintenance.request_expiry', float, minimum=1),
         models=models, request_types=request_types, roles=roles,
         users=users, default_role=default_role, unknown_users=unknown_users,
     )
+
+
+def _supervision(r: _Reader) -> Supervision:
+    def seconds(key, minimum=0.1):
+        return r.get(f'supervisor.{key}', float, minimum=minimum)
+    grace = r.get('supervisor.shutdown_grace', float, minimum=0, allow_none=True)
+    return Supervision(
+        restart_backoff=seconds('restart_backoff'),
+        restart_backoff_max=seconds('restart_backoff_max'),
+        max_restarts=r.get('supervisor.max_restarts', int, minimum=1),
+        restart_window=seconds('restart_window', 1),
+        check_interval=seconds('check_interval'),
+        unresponsive_after=seconds('unresponsive_after'),
+        stuck_after=seconds('stuck_after'),
+        shutdown_grace=r.get('ollama.timeout', float) if grace is None else grace)
 
 
 def _table(r: _Reader, name: str) -> dict:
@@ -331,8 +380,64 @@ def _request_types(r: _Reader, models: dict) -> dict[str, RequestType]:
         types[name] = RequestType(
             name=name, model=model, task=task, prompt=prompt,
             system=r.check(f'{key}.system', spec.get('system', ''), str),
-            options=r.check(f'{key}.options', spec.get('options', {}), dict))
+            options=r.check(f'{key}.options', spec.get('options', {}), dict),
+            **ollama_fields(spec, lambda field, message: r.fail(f'{key}.{field}', message)))
+        if types[name].tools and task != 'chat':
+            r.fail(f'{key}.tools', f'only a chat request type can offer tools (task {task!r})')
     return types
+
+
+def ollama_fields(spec: dict, fail) -> dict:
+    """``format``, ``keep_alive``, ``think`` and ``tools`` of a request type or a
+    payload, checked against what Ollama accepts; ``fail(field, message)`` raises."""
+    out = {}
+    value = spec.get('format')
+    if value is not None and value != 'json' and not isinstance(value, dict):
+        fail('format', f'expected "json" or a JSON schema (a table), got {value!r}')
+    out['format'] = value
+    value = spec.get('keep_alive')
+    if value is not None and (isinstance(value, bool)
+                              or not isinstance(value, (str, int, float))):
+        fail('keep_alive', f'expected a duration such as "10m" or seconds, got {value!r}')
+    out['keep_alive'] = value
+    value = spec.get('think')
+    if value is not None and not isinstance(value, bool) \
+            and value not in ('low', 'medium', 'high'):
+        fail('think', f'expected true, false, "low", "medium" or "high", got {value!r}')
+    out['think'] = value
+    value = spec.get('tools')
+    if value is not None and (not isinstance(value, list)
+                              or not all(isinstance(t, dict) for t in value)):
+        fail('tools', f'expected a list of tool tables, got {value!r}')
+    out['tools'] = value
+    return out
+
+
+def to_toml(data: dict) -> str:
+    """A configuration as TOML, for the shapes config files have (the demo and the
+    tests write theirs with it): top-level values, tables, and tables of tables."""
+    def value(v):
+        if isinstance(v, bool):
+            return 'true' if v else 'false'
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a TOML basic string
+        if isinstance(v, list):
+            return '[' + ', '.join(value(x) for x in v) + ']'
+        return '{' + ', '.join(f'{json.dumps(k)} = {value(x)}' for k, x in v.items()) + '}'
+    lines = [f'{k} = {value(v)}' for k, v in data.items() if not isinstance(v, dict)]
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            continue
+        if table and all(isinstance(v, dict) for v in table.values()):
+            for name, sub in table.items():
+                lines.append(f'\n[{section}.{json.dumps(name)}]')
+                lines += [f'{json.dumps(k)} = {value(v)}' for k, v in sub.items()]
+        else:
+            lines.append(f'\n[{section}]')
+            lines += [f'{json.dumps(k)} = {value(v)}' for k, v in table.items()]
+    return '\n'.join(lines) + '\n'
 
 
 UNKNOWN_USERS = ('default', 'refuse')

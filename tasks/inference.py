@@ -16,16 +16,16 @@ try:
 except ImportError:  # without it, each embedding request is its own /api/embed call
     Batches = None
 
-from .app import app, current
-from .ollama import Ollama, OllamaError, OllamaUnavailable
+from . import gpu
+from .app import app, broker_priority, current
+from .ollama import Ollama, OllamaDown, OllamaError, OllamaUnavailable
+from .signals import header, mark_on_gpu
 
 logger = logging.getLogger(__name__)
 
 
 def ollama() -> Ollama:
-    cfg = current()
-    return Ollama(cfg.ollama_url, connect_timeout=cfg.connect_timeout,
-                  stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
+    return Ollama.from_config(current())
 
 
 def backoff(cfg, retries: int) -> float:
@@ -35,26 +35,53 @@ def backoff(cfg, retries: int) -> float:
         full_jitter=cfg.retry_jitter)
 
 
-def retrying(task, call):
-    """``call()``; Ollama unavailable: retry later by ``[retry]`` (read at run time)."""
-    try:
+def priority(request) -> int:
+    """The role priority a request was sent with (0 is served first)."""
+    cfg = current()
+    role = cfg.roles.get(header(request, 'x-role'))
+    if role is not None:
+        return role.priority
+    sent = (getattr(request, 'delivery_info', None) or {}).get('priority') or 0
+    return broker_priority(cfg, sent)  # its own inverse on RabbitMQ
+
+
+def on_gpu(task, call):
+    """``call()`` holding one of the box's GPU slots (``[gpu] slots``)."""
+    with gpu.slot(current(), priority(task.request)) as waited:
+        if waited:
+            mark_on_gpu(task.request.id)
         return call()
+
+
+def retrying(task, call):
+    """``call()``, retried later by ``[retry]`` (read at run time) when Ollama
+    cannot serve it.  While Ollama is down the retries do not run out: the
+    worker stops taking requests meanwhile (:mod:`tasks.availability`), and the
+    message's expiry (``maintenance.request_expiry``) still bounds the wait."""
+    try:
+        return on_gpu(task, call)
     except OllamaUnavailable as exc:
         cfg = current()
+        # Down: one more retry always allowed (Celery reads None as its default).
+        limit = task.request.retries + 1 if isinstance(exc, OllamaDown) else cfg.max_retries
         raise task.retry(exc=exc, countdown=backoff(cfg, task.request.retries),
-                         max_retries=cfg.max_retries) from None
+                         max_retries=limit) from None
 
 
 @app.task(name='tasks.generate', bind=True)
-def generate(self, model: str, prompt: str, system: str = '', images=None,
-             options=None) -> dict:
-    return retrying(self, lambda: ollama().generate(model, prompt, system=system,
-                                                    images=images, options=options))
+def generate(self, model: str, prompt: str, system: str = '', images=None, options=None,
+             format=None, keep_alive=None, think=None) -> dict:
+    return retrying(self, lambda: ollama().generate(
+        model, prompt, system=system, images=images, options=options, format=format,
+        keep_alive=keep_alive, think=think))
 
 
 @app.task(name='tasks.chat', bind=True)
-def chat(self, model: str, messages: list, options=None) -> dict:
-    return retrying(self, lambda: ollama().chat(model, messages, options=options))
+def chat(self, model: str, messages: list, options=None, format=None, keep_alive=None,
+         think=None, tools=None) -> dict:
+    return retrying(self, lambda: ollama().chat(
+        model, messages, options=options, format=format, keep_alive=keep_alive,
+        think=think, tools=tools))
 
 
 def _embed_one(self, model: str, input) -> dict:
@@ -89,7 +116,8 @@ def _embed_batch(self, requests) -> dict:
             spans.append((len(inputs), len(inputs) + len(items), isinstance(text, str)))
             inputs.extend(items)
         try:
-            out = ollama().embed(model, inputs)
+            with gpu.slot(current(), min(priority(r) for r in reqs)):
+                out = ollama().embed(model, inputs)
         except OllamaUnavailable as exc:
             for req in reqs:
                 outcomes[req.id] = _retry_or_fail(self, req, exc)
@@ -143,7 +171,7 @@ def _retry_or_fail(task, req, exc):
     """Autoretry for one request of a batch: send it again with a countdown."""
     cfg = current()
     retries = int(req.request_dict.get('retries') or 0)
-    if retries >= cfg.max_retries:
+    if retries >= cfg.max_retries and not isinstance(exc, OllamaDown):
         task.backend.mark_as_failure(req.id, exc, request=req)
         return ('failed', f'{exc} (gave up after {retries} retries)')
     countdown = backoff(cfg, retries)

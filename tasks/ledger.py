@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 
 from sqlalchemy import (JSON, Float, Index, Integer, String, Text, create_engine, event,
-                        func, select)
+                        func, inspect, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED, CANCELLED = (
@@ -52,6 +52,7 @@ class Request(Base):
     load_duration: Mapped[float | None] = mapped_column(Float)
     prompt_eval_duration: Mapped[float | None] = mapped_column(Float)
     eval_duration: Mapped[float | None] = mapped_column(Float)
+    done_reason: Mapped[str | None] = mapped_column(String(32))  # stop, length, load...
     error: Mapped[str | None] = mapped_column(Text)
     response: Mapped[dict | None] = mapped_column(JSON)
     response_expires_at: Mapped[float | None] = mapped_column(Float)
@@ -135,8 +136,21 @@ def engine(url: str):
                 event.listen(eng, 'connect', _sqlite_pragmas)
                 event.listen(eng, 'begin', _sqlite_begin)
             Base.metadata.create_all(eng)
+            _add_new_columns(eng)
             _engines[key] = eng
         return eng
+
+
+def _add_new_columns(eng):
+    """A ledger written by an older version gets the (nullable) columns added since."""
+    with eng.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            have = {c['name'] for c in inspect(conn).get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=eng.dialect)
+                    conn.exec_driver_sql(
+                        f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}')
 
 
 @contextmanager
@@ -160,6 +174,17 @@ def counts(url: str) -> dict[tuple[str, str], int]:
         return {(model, status): n for model, status, n in s.execute(
             select(Request.model, Request.status, func.count()).group_by(
                 Request.model, Request.status))}
+
+
+def spike_episodes(url: str, since: float | None = None) -> list[dict]:
+    """Spike mode episodes (queue, started_at, ended_at, depth_at_start, refused)."""
+    with read_session(url) as s:
+        q = select(SpikeEpisode).order_by(SpikeEpisode.started_at)
+        if since is not None:
+            q = q.where(SpikeEpisode.started_at >= since)
+        return [{'queue': e.queue, 'started_at': e.started_at, 'ended_at': e.ended_at,
+                 'depth_at_start': e.depth_at_start, 'refused': e.refused}
+                for e in s.scalars(q)]
 
 
 def active_count(s: Session, user_id: str, role: str) -> int:

@@ -2,8 +2,14 @@
 
 One :class:`httpx.Client` per worker process (connections are reused across
 requests; a client is never shared across a fork).  Errors are sorted into
-those worth retrying (:class:`OllamaUnavailable`) and those that are not
-(:class:`OllamaRequestError`, :class:`OllamaTimeout`).
+those worth retrying (:class:`OllamaUnavailable`: :class:`OllamaDown` when
+Ollama does not answer at all, :class:`OllamaBusy` for its 429 and 503) and
+those that are not (:class:`OllamaRequestError`, :class:`OllamaTimeout`).
+
+Timeouts follow how Ollama answers: a request waits in Ollama's scheduler
+(``OLLAMA_NUM_PARALLEL``) and while its model loads with no byte sent, bounded
+only by the overall ``timeout``; once the answer has started, a gap longer than
+``stall_timeout`` between two chunks is a stall.
 """
 from __future__ import annotations
 
@@ -22,7 +28,15 @@ class OllamaError(Exception):
 
 
 class OllamaUnavailable(OllamaError):
-    """Connection refused, a 5xx, or the model still loading: retried."""
+    """Ollama cannot serve the request now (down, 5xx, busy): retried."""
+
+
+class OllamaDown(OllamaUnavailable):
+    """No answer at all: connection refused, or the stream cut off (a restart)."""
+
+
+class OllamaBusy(OllamaUnavailable):
+    """HTTP 429, or the 503 "server busy" past ``OLLAMA_MAX_QUEUE``: retried with backoff."""
 
 
 class OllamaRequestError(OllamaError):
@@ -78,7 +92,9 @@ def _check(response: httpx.Response, model: str, path: str):
     response.read()
     text = _error_text(response)
     where = f'Ollama {path} for model {model!r}'
-    if response.status_code >= 500 or 'loading' in text.lower():
+    if response.status_code in (429, 503):
+        raise OllamaBusy(f'{where}: HTTP {response.status_code}: {text}')
+    if response.status_code >= 500:
         raise OllamaUnavailable(f'{where}: HTTP {response.status_code}: {text}')
     if response.status_code == 404:
         raise OllamaRequestError(f'{where}: model not found (HTTP 404: {text}); '
@@ -96,6 +112,18 @@ def stats(final: dict) -> dict:
     return out
 
 
+UNREACHABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError,
+               httpx.ConnectTimeout, httpx.WriteError)
+# Passed to Ollama as they are when set (docs/api.md); None leaves Ollama's default.
+PASSED_THROUGH = ('format', 'keep_alive', 'think')
+
+
+def _body(model, options, extra) -> dict:
+    body = {'model': model, 'options': options or {}}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return body
+
+
 class Ollama:
     def __init__(self, base_url, *, connect_timeout=5.0, stall_timeout=60.0,
                  request_timeout=900.0):
@@ -104,13 +132,28 @@ class Ollama:
         self.request_timeout = request_timeout
         self.http = client(base_url, connect_timeout, stall_timeout)
 
+    @classmethod
+    def from_config(cls, cfg) -> Ollama:
+        return cls(cfg.ollama_url, connect_timeout=cfg.connect_timeout,
+                   stall_timeout=cfg.stall_timeout, request_timeout=cfg.request_timeout)
+
     def _stream(self, path: str, body: dict, on_chunk) -> dict:
         """POST a streaming request; returns the final (done) chunk."""
         model = body.get('model', '?')
         deadline = time.monotonic() + self.request_timeout
+        # Until the answer starts, Ollama sends nothing (queued, loading): only
+        # the overall timeout applies.
+        waiting = httpx.Timeout(self.request_timeout, connect=self.http.timeout.connect)
+        started = False
         try:
-            with self.http.stream('POST', path, json={**body, 'stream': True}) as response:
+            with self.http.stream('POST', path, json={**body, 'stream': True},
+                                  timeout=waiting) as response:
                 _check(response, model, path)
+                # The answer has started: from now on, each read waits at most
+                # stall_timeout (httpcore reads this when the body is first read).
+                response.request.extensions['timeout'] = {
+                    **waiting.as_dict(), 'read': self.stall_timeout}
+                started = True
                 for line in response.iter_lines():
                     if not line:
                         continue
@@ -126,46 +169,82 @@ class Ollama:
                             f'Ollama {path} for model {model!r} ran past the overall '
                             f'timeout of {self.request_timeout:g}s')
         except httpx.ReadTimeout:
-            raise OllamaTimeout(f'Ollama {path} for model {model!r} stalled: nothing '
-                                f'received for {self.stall_timeout:g}s') from None
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError,
-                httpx.ConnectTimeout, httpx.WriteError) as exc:
-            raise OllamaUnavailable(f'Ollama at {self.base_url} unreachable: {exc}') from None
-        raise OllamaUnavailable(f'Ollama {path} for model {model!r}: stream ended early')
+            if started:
+                raise OllamaTimeout(f'Ollama {path} for model {model!r} stalled: nothing '
+                                    f'received for {self.stall_timeout:g}s') from None
+            raise OllamaTimeout(f'Ollama {path} for model {model!r} did not start its '
+                                f'answer within the overall timeout of '
+                                f'{self.request_timeout:g}s') from None
+        except UNREACHABLE as exc:
+            raise OllamaDown(f'Ollama at {self.base_url} unreachable: {exc}') from None
+        raise OllamaDown(f'Ollama {path} for model {model!r}: stream ended early')
 
     def generate(self, model: str, prompt: str, *, system: str = '', images=None,
-                 options=None) -> dict:
-        parts = []
-        body = {'model': model, 'prompt': prompt, 'options': options or {}}
-        if system:
-            body['system'] = system
-        if images:
-            body['images'] = images
-        final = self._stream('/api/generate', body,
-                             lambda c: parts.append(c.get('response', '')))
-        return {'model': model, 'response': ''.join(parts),
+                 options=None, format=None, keep_alive=None, think=None) -> dict:
+        parts, thinking = [], []
+
+        def take(c):
+            parts.append(c.get('response') or '')
+            thinking.append(c.get('thinking') or '')
+        body = _body(model, options, {'system': system or None, 'images': images or None,
+                                      'format': format, 'keep_alive': keep_alive,
+                                      'think': think, 'prompt': prompt})
+        final = self._stream('/api/generate', body, take)
+        out = {'model': model, 'response': ''.join(parts)}
+        if any(thinking):
+            out['thinking'] = ''.join(thinking)
+        return {**out, 'done_reason': final.get('done_reason'), **stats(final)}
+
+    def chat(self, model: str, messages: list, *, options=None, format=None,
+             keep_alive=None, think=None, tools=None) -> dict:
+        parts, thinking, calls = [], [], []
+
+        def take(c):
+            message = c.get('message') or {}
+            parts.append(message.get('content') or '')
+            thinking.append(message.get('thinking') or '')
+            calls.extend(message.get('tool_calls') or [])
+        body = _body(model, options, {'messages': messages, 'format': format,
+                                      'keep_alive': keep_alive, 'think': think,
+                                      'tools': tools or None})
+        final = self._stream('/api/chat', body, take)
+        message = {'role': 'assistant', 'content': ''.join(parts)}
+        if any(thinking):
+            message['thinking'] = ''.join(thinking)
+        if calls:
+            message['tool_calls'] = calls
+        # 'response' as for generate: one shape for every answer; Ollama's 'message' too.
+        return {'model': model, 'response': message['content'], 'message': message,
                 'done_reason': final.get('done_reason'), **stats(final)}
 
-    def chat(self, model: str, messages: list, *, options=None) -> dict:
-        parts = []
-        body = {'model': model, 'messages': messages, 'options': options or {}}
-        final = self._stream('/api/chat', body, lambda c: parts.append(
-            (c.get('message') or {}).get('content', '')))
-        text = ''.join(parts)  # 'response' as for generate: one shape for every answer
-        return {'model': model, 'response': text,
-                'message': {'role': 'assistant', 'content': text},
-                'done_reason': final.get('done_reason'), **stats(final)}
-
-    def embed(self, model: str, inputs: list[str]) -> dict:
+    def embed(self, model: str, inputs: list[str], *, keep_alive=None) -> dict:
         path = '/api/embed'
         try:
-            response = self.http.post(path, json={'model': model, 'input': inputs},
-                                      timeout=httpx.Timeout(self.request_timeout,
-                                                            connect=self.http.timeout.connect))
+            response = self.http.post(path, json=_body(model, None, {
+                'input': inputs, 'keep_alive': keep_alive}),
+                timeout=httpx.Timeout(self.request_timeout, connect=self.http.timeout.connect))
         except httpx.TimeoutException:
             raise OllamaTimeout(f'Ollama {path} for model {model!r} timed out') from None
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise OllamaUnavailable(f'Ollama at {self.base_url} unreachable: {exc}') from None
+        except UNREACHABLE as exc:
+            raise OllamaDown(f'Ollama at {self.base_url} unreachable: {exc}') from None
         _check(response, model, path)
         data = response.json()
         return {'embeddings': data['embeddings'], **stats(data)}
+
+    def models(self) -> set[str]:
+        """The models Ollama has (``/api/tags``); raises :class:`OllamaDown`."""
+        try:
+            response = self.http.get('/api/tags', timeout=self.http.timeout.connect + 5)
+            response.raise_for_status()
+            tags = response.json().get('models') or []
+        except (httpx.HTTPError, ValueError) as exc:
+            raise OllamaDown(f'Ollama at {self.base_url} unreachable: {exc}') from None
+        return {m.get('name') for m in tags} | {m.get('model') for m in tags}
+
+    def answers(self) -> bool:
+        """Whether Ollama answers at all (``/api/version``)."""
+        try:
+            return self.http.get('/api/version', timeout=self.http.timeout.connect + 2
+                                 ).status_code == 200
+        except httpx.HTTPError:
+            return False

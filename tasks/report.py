@@ -7,10 +7,8 @@ import time
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
-from sqlalchemy import select
-
 from . import ledger, uptime
-from .ledger import ACTIVE, SUCCEEDED, SpikeEpisode
+from .ledger import ACTIVE, SUCCEEDED
 
 _UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
 
@@ -86,16 +84,18 @@ def build(cfg, since: float | None = None, now: float | None = None,
             'available_slot_seconds': m.slots * seconds,
             'utilisation': busy.get(name, 0.0) / (m.slots * seconds) if seconds else None}
 
+    gpu_busy = sum(busy.values())
+    gpu_up = window if up is None else up[uptime.ANY_MODEL]
+    gpu = {'slots': cfg.gpu_slots, 'busy_slot_seconds': gpu_busy,
+           'basis': 'window' if up is None else 'worker uptime', 'up_seconds': gpu_up,
+           'available_slot_seconds': cfg.gpu_slots * gpu_up,
+           'utilisation': gpu_busy / (cfg.gpu_slots * gpu_up) if gpu_up else None}
+
     submitted = Counter(_hour(r.created_at) for r in rows)
     peaks = [{'hour': h, 'submitted': n} for h, n in submitted.most_common(3)]
 
     status = Counter(r.status for r in rows)
-    with ledger.session(cfg.ledger_url) as s:
-        q = select(SpikeEpisode)
-        if since is not None:
-            q = q.where(SpikeEpisode.started_at >= since)
-        episodes = [{'queue': e.queue, 'started_at': e.started_at, 'ended_at': e.ended_at,
-                     'refused': e.refused} for e in s.scalars(q)]
+    episodes = ledger.spike_episodes(cfg.ledger_url, since)
     queues = {}
     for name, m in cfg.models.items():
         queues[name] = {
@@ -111,6 +111,7 @@ def build(cfg, since: float | None = None, now: float | None = None,
         'processed_per_hour': len(done) / (window / 3600),
         'processed_by_hour': dict(sorted(per_hour.items())),
         'model_utilisation': utilisation,
+        'gpu_utilisation': gpu,
         'peak_periods': peaks,
         'queue_depth': queues,
         'active_requests': sum(1 for r in rows if r.status in ACTIVE),
@@ -152,6 +153,12 @@ def render(data: dict, console=None):
                   '-' if q['ready'] is None else str(q['ready']),
                   str(q['queued']), str(q['running']))
     console.print(t)
+    g = data['gpu_utilisation']
+    console.print(f'GPU, all models: {g["slots"]} slot(s) ([gpu] slots), '
+                  f'{g["busy_slot_seconds"]:.1f} busy slot-s over {_fmt(g["up_seconds"])} '
+                  f'({g["basis"]}), '
+                  + ('-' if g['utilisation'] is None else f'{g["utilisation"]:.1%}')
+                  + ' utilisation')
     if data['peak_periods']:
         console.print('Peak hours (submitted): ' + ', '.join(
             f'{p["hour"]} ({p["submitted"]})' for p in data['peak_periods']))

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 LEDGERED = ('tasks.generate', 'tasks.chat', 'tasks.embed')
 
 
-def _header(request, name, default=None):
+def header(request, name, default=None):
+    """A custom message header (``x-role``...), wherever this Celery version puts it."""
     value = getattr(request, name, None)
     if value is None:
         value = (getattr(request, 'headers', None) or {}).get(name)
@@ -34,11 +35,11 @@ def _row(s, task_id, request=None, kwargs=None) -> Request:
     if row is None:
         cfg = current()
         model = (kwargs or {}).get('model', '?')
-        role = _header(request, 'x-role', '?')
+        role = header(request, 'x-role', '?')
         row = Request(
-            task_id=task_id, user_id=_header(request, 'x-client', 'anonymous'), role=role,
+            task_id=task_id, user_id=header(request, 'x-client', 'anonymous'), role=role,
             priority=(request.delivery_info or {}).get('priority') or 0 if request else 0,
-            request_type=_header(request, 'x-request-type', 'direct'), model=model,
+            request_type=header(request, 'x-request-type', 'direct'), model=model,
             queue=cfg.models[model].queue if model in cfg.models else '?',
             status=QUEUED, created_at=ledger.now(), attempts=0, retries=0)
         s.add(row)
@@ -74,6 +75,15 @@ def mark_running(task_id, request=None, kwargs=None, worker=None):
         row.completed_at = row.run_seconds = None
 
 
+def mark_on_gpu(task_id):
+    """The request got its GPU slot (``[gpu] slots``): its wait ends now."""
+    now = ledger.now()
+    with ledger.session(current().ledger_url) as s:
+        row = _row(s, task_id)
+        row.started_at = now
+        row.wait_seconds = now - row.created_at
+
+
 def mark_succeeded(task_id, result: dict):
     cfg = current()
     now = ledger.now()
@@ -90,6 +100,7 @@ def mark_succeeded(task_id, result: dict):
         for key in ('total_duration', 'load_duration', 'prompt_eval_duration',
                     'eval_duration'):
             setattr(row, key, result.get(key))
+        row.done_reason = result.get('done_reason')
         row.response = result
         row.response_expires_at = now + cfg.retention_days * 86400
 
@@ -184,4 +195,5 @@ def _close_clients(**_):
     ollama.close_all()
 
 
-__all__ = ['app', 'mark_running', 'mark_succeeded', 'mark_failed', 'mark_retrying']
+__all__ = ['app', 'header', 'mark_running', 'mark_on_gpu', 'mark_succeeded', 'mark_failed',
+           'mark_retrying']

@@ -20,6 +20,7 @@ from .ledger import WorkerSpan
 
 logger = logging.getLogger(__name__)
 SEEN_EVERY = 30.0
+ANY_MODEL = '*'
 _span: dict = {}  # this worker process: its row id and when seen_at was last written
 
 
@@ -72,7 +73,8 @@ def _shutdown(**_):
 
 
 def up_seconds(cfg, since: float, now: float) -> dict[str, float] | None:
-    """Per model, seconds within [since, now] that a worker of its queue was up.
+    """Per model, seconds within [since, now] that a worker of its queue was up;
+    under :data:`ANY_MODEL`, that any inference worker was (the GPU as a whole).
 
     None when no worker ever recorded a span (then the caller uses the window).
     """
@@ -82,19 +84,22 @@ def up_seconds(cfg, since: float, now: float) -> dict[str, float] | None:
             or_(WorkerSpan.stopped_at.is_(None), WorkerSpan.stopped_at >= since))))
         if not spans and s.scalars(select(WorkerSpan.id).limit(1)).first() is None:
             return None
-    out = {}
-    for m in cfg.models.values():
-        intervals = sorted(
-            (max(sp.started_at, since), min(_end(sp, now), now))
-            for sp in spans if m.queue in sp.queues.split(','))
-        total, reach = 0.0, since
-        for a, b in intervals:  # the union: two workers of one model count once
-            a = max(a, reach)
-            if b > a:
-                total += b - a
-                reach = b
-        out[m.name] = total
-    return out
+    queues = {m.name: {m.queue} for m in cfg.models.values()}
+    queues[ANY_MODEL] = {m.queue for m in cfg.models.values()}
+    return {name: _union([(max(sp.started_at, since), min(_end(sp, now), now))
+                          for sp in spans if wanted & set(sp.queues.split(','))], since)
+            for name, wanted in queues.items()}
+
+
+def _union(intervals, since) -> float:
+    """Seconds covered by the intervals: two workers of one model count once."""
+    total, reach = 0.0, since
+    for a, b in sorted(intervals):
+        a = max(a, reach)
+        if b > a:
+            total += b - a
+            reach = b
+    return total
 
 
 def _end(span, now) -> float:

@@ -1,9 +1,10 @@
-"""``python -m tasks workers``: one Celery worker per model, sized to its GPU slots.
+"""The workers: one Celery worker per model, sized to its GPU slots, and how to stop them.
 
 Each worker consumes only its model's queue with ``-c <slots>`` and prefetch 1
 (acks late and reject-on-worker-lost come from the app), so a GPU never runs
 more requests than its slots.  Embedding models prefetch one batch per slot so
 that requests can be batched.  A small maintenance worker runs beat.
+:mod:`tasks.supervisor` runs them (``python -m tasks workers``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import subprocess
 import sys
 import time
 
+from typing import NamedTuple
+
+from celery.utils.nodenames import host_format
+
 from .app import MAINTENANCE_QUEUE
 
 
@@ -21,20 +26,30 @@ def node_name(model: str) -> str:
     return re.sub(r'[^A-Za-z0-9_.-]+', '-', model)
 
 
-def commands(cfg, loglevel='info', beat=True, models=None) -> list[tuple[str, list[str]]]:
+class Spec(NamedTuple):
+    """One worker to run: its name, command line, Celery node name and pool size."""
+    name: str
+    cmd: list[str]
+    node: str
+    slots: int
+
+
+def commands(cfg, loglevel='info', beat=True, models=None) -> list[Spec]:
     celery = [sys.executable, '-m', 'celery', '-A', 'tasks', 'worker', '-l', loglevel, '-E']
     out = []
     for m in cfg.models.values():
         if models and m.name not in models:
             continue
         prefetch = cfg.embed_batch_size if m.embedding else 1
-        out.append((m.name, celery + ['-Q', m.queue, '-c', str(m.slots),
-                                      '--prefetch-multiplier', str(prefetch),
-                                      '-n', f'{node_name(m.name)}@%h']))
+        node = f'{node_name(m.name)}@%h'
+        out.append(Spec(m.name, celery + ['-Q', m.queue, '-c', str(m.slots),
+                                          '--prefetch-multiplier', str(prefetch), '-n', node],
+                        host_format(node), m.slots))
     if beat:
-        out.append(('maintenance', celery + [
-            '-Q', MAINTENANCE_QUEUE, '-c', '1', '-n', 'maintenance@%h', '-B',
-            '-s', str(cfg.data_dir / 'beat-schedule')]))
+        node = 'maintenance@%h'
+        out.append(Spec('maintenance', celery + [
+            '-Q', MAINTENANCE_QUEUE, '-c', '1', '-n', node, '-B',
+            '-s', str(cfg.data_dir / 'beat-schedule')], host_format(node), 1))
     return out
 
 
@@ -57,40 +72,17 @@ def stop(procs, grace: float = 30.0) -> list[str]:
         except subprocess.TimeoutExpired:
             killed.append(name)
     for _, p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        kill(p)
     return killed
 
 
-def _interrupt(*_):
-    raise KeyboardInterrupt
-
-
-def run(cfg, loglevel='info', beat=True, models=None, echo=print) -> int:
-    procs = []
-    # The workers get their own process groups, so that Ctrl-C reaches only us
-    # and we stop them in order (a background job may even ignore SIGINT).
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+def kill(p):
+    """SIGKILL to the process group of ``p`` (its pool children too), then reap it."""
     try:
-        for name, cmd in commands(cfg, loglevel, beat, models):
-            procs.append((name, subprocess.Popen(cmd, start_new_session=True)))
-            echo(f'started worker for {name} (pid {procs[-1][1].pid}): {" ".join(cmd[2:])}')
-        while True:
-            for name, p in procs:
-                if p.poll() is not None:
-                    echo(f'worker for {name} exited with {p.returncode}; stopping the others')
-                    return p.returncode or 1
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        echo('stopping workers (waiting for running requests)...')
-        return 0
-    finally:
-        stop(procs)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(5)
+    except subprocess.TimeoutExpired:
+        pass

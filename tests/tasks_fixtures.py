@@ -5,7 +5,6 @@ that started it, on failure too.  Loaded with ``pytest_plugins``.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -179,28 +178,6 @@ BASE_CONFIG = {
 }
 
 
-def _toml_value(v):
-    if isinstance(v, bool):
-        return 'true' if v else 'false'
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, dict):
-        return '{' + ', '.join(f'{json.dumps(k)} = {_toml_value(x)}' for k, x in v.items()) + '}'
-    raise TypeError(v)
-
-
-def to_toml(data: dict) -> str:
-    """Enough TOML for test configs: top-level scalars, tables of scalars/tables."""
-    lines = [f'{k} = {_toml_value(v)}' for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append(f'\n[{k}]')
-            lines += [f'{json.dumps(kk)} = {_toml_value(vv)}' for kk, vv in v.items()]
-    return '\n'.join(lines) + '\n'
-
-
 def merged(base: dict, over: dict) -> dict:
     """Tables merge entry by entry (a test names only the model it changes)."""
     out = dict(base)
@@ -231,7 +208,7 @@ class TasksEnv:
         data = merged(BASE_CONFIG, over)
         if self.broker_url:
             data.setdefault('broker_url', self.broker_url)
-        self.config_path.write_text(to_toml(data))
+        self.config_path.write_text(config.to_toml(data))
         for k, v in self.env.items():
             self.monkeypatch.setenv(k, v)
         self.cfg = tasks.configure(config.load(self.config_path))
@@ -240,7 +217,8 @@ class TasksEnv:
     def worker(self, model='gpt-oss:20b', *extra, name=None, wait=True):
         m = self.cfg.models[model]
         from tasks.workers import commands
-        [(_, cmd)] = commands(self.cfg, beat=False, models={model})
+        [spec] = commands(self.cfg, beat=False, models={model})
+        cmd = spec.cmd
         proc = self.procs.start(cmd + ['-n', f'{name or model.replace(":", "-")}-'
                                        f'{len(self.procs.procs)}@%h', *extra],
                                 env=self.env, name=name or f'worker-{m.queue}')

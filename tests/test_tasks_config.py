@@ -32,6 +32,7 @@ def test_defaults_run_as_they_are(tmp_path, monkeypatch):
         'analyst': (4, 1), 'staff': (5, 1)}
     assert set(cfg.request_types) == {'transcript', 'document', 'compliance'}
     assert cfg.retention_days == 90
+    assert cfg.gpu_slots == 2 and cfg.supervision.shutdown_grace == 900  # ollama.timeout
     monkeypatch.setenv('OLLAMA_HOST', '10.1.2.3:11434')  # Ollama's own variable wins
     assert config.load('').ollama_url == 'http://10.1.2.3:11434'
 
@@ -51,12 +52,30 @@ def test_defaults_run_as_they_are(tmp_path, monkeypatch):
     ('[spike]\ncutoff_role = "ceo"', "spike.cutoff_role: unknown role 'ceo'"),
     ('[spike]\ndepth = 5\nresume_depth = 5', 'spike.resume_depth: must be below'),
     ('retention_days = [', 'not valid TOML'),
+    ('[gpu]\nslots = 0', 'gpu.slots: must be at least 1'),
+    ('[supervisor]\nmax_restarts = 0', 'supervisor.max_restarts: must be at least 1'),
+    ('[request_types.x]\nmodel = "gpt-oss:20b"\nformat = "yaml"',
+     'request_types.x.format: expected "json" or a JSON schema'),
+    ('[request_types.x]\nmodel = "gpt-oss:20b"\ntools = [{type = "function"}]',
+     'request_types.x.tools: only a chat request type can offer tools'),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, message):
     with pytest.raises(config.ConfigError) as info:
         load(tmp_path, text)
     assert message in str(info.value)
     assert str(tmp_path / 'tasks.toml') in str(info.value)
+
+
+def test_import_reads_nothing_config_is_loaded_on_first_use(tmp_path):
+    data = tmp_path / 'data'
+    code = ('import os, tasks; print("imported", os.path.exists(os.environ["TASKS_DATA_DIR"])); '
+            'tasks.current()')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env={**os.environ, 'TASKS_CONFIG': str(tmp_path / 'none.toml'),
+                              'TASKS_DATA_DIR': str(data)}, timeout=60)
+    assert out.stdout.strip() == 'imported False'  # no file read, no directory made
+    assert out.returncode == 1 and 'none.toml: no such file' in out.stderr
+    assert not data.exists()
 
 
 def test_bad_config_stops_the_cli_with_a_clear_message(tmp_path):
@@ -110,6 +129,8 @@ def test_report_figures(tmp_path, monkeypatch):
     assert st['p95_wait_s'] == 28
     util = data['model_utilisation']['gpt-oss:20b']
     assert util['busy_slot_seconds'] == 360 and util['utilisation'] == pytest.approx(0.1)
+    gpu = data['gpu_utilisation']  # the box: 2 GPU slots (the sum of the models')
+    assert gpu['slots'] == 2 and gpu['utilisation'] == pytest.approx(0.05)
     assert data['queue_depth']['gpt-oss:20b']['ready'] == 3
     assert data['peak_periods'][0]['submitted'] == 40
     json.dumps(data)  # --json output

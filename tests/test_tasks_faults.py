@@ -12,13 +12,13 @@ from celery.exceptions import CeleryError
 pytest_plugins = ['tasks_fixtures']
 
 
-def test_5xx_loading_and_refused_are_retried_then_succeed(tasks_env):
+def test_5xx_busy_and_refused_are_retried_then_succeed(tasks_env):
     tasks_env.configure()
     import tasks
     sim = tasks_env.sim
     tasks_env.worker()
     sim.fault('500', 'gpt-oss:20b', count=1)
-    sim.fault('loading', 'gpt-oss:20b', count=1)
+    sim.fault('503', 'gpt-oss:20b', count=1)
     result = tasks.submit('ann', 'manager', 'transcript', {'text': 'retry me'})
     assert result.get(timeout=30)['response']
     row = tasks_env.wait_status(result.id, 'succeeded')
@@ -129,7 +129,7 @@ def test_workers_command_starts_one_worker_per_model_and_stops(tasks_env, sig):
     assert len(pids) == 2
     proc.send_signal(sig)
     assert proc.wait(30) == 0
-    assert 'stopping workers' in tasks_env.procs.log(proc)
+    assert 'finished their requests and exited' in tasks_env.procs.log(proc)
     for pid in pids:  # reaped: no worker is left behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -90,16 +90,25 @@ def size(scale: float = 1.0, duration: float = 120.0) -> Sizing:
                   spike_depth=max(10, round(30 * scale)), slots=slots)
 
 
-def config(sizing: Sizing, data_dir) -> dict:
+ADMISSION_CONTROLS = ('spike-mode', 'user-limits')
+
+
+def config(sizing: Sizing, without=()) -> dict:
     """The demo's tasks configuration (written as TOML for every process): the
-    built-in request types, answers sized for the run, its models' slots."""
-    types = builtin().request_types
-    return {
+    built-in request types, answers sized for the run, its models' slots.
+
+    ``without`` turns admission controls off (``spike-mode``, ``user-limits``)
+    to show what they do; the criteria then fail, as they should.
+    """
+    base = builtin()
+    types = base.request_types
+    depth = 10 ** 9 if 'spike-mode' in without else sizing.spike_depth
+    out = {
         'visibility_timeout': 30,
         'ollama': {'stall_timeout': 30, 'timeout': 120, 'connect_timeout': 2},
         'retry': {'max_retries': 3, 'backoff': 1, 'backoff_max': 4},
-        'spike': {'depth': sizing.spike_depth,
-                  'resume_depth': sizing.spike_depth // 2, 'cutoff_role': 'executive'},
+        'spike': {'depth': depth, 'resume_depth': depth // 2,
+                  'cutoff_role': base.spike_cutoff_role},
         'models': {name: {'slots': n} for name, n in sizing.slots.items()},
         'users': {u: role for role, names in user_names(sizing).items() for u in names},
         'request_types': {
@@ -107,6 +116,10 @@ def config(sizing: Sizing, data_dir) -> dict:
                 'system': types[t].system, 'options': {**types[t].options, 'num_predict': n}}
             for t, n in sizing.tokens.items()},
     }
+    if 'user-limits' in without:
+        out['roles'] = {r.name: {'priority': r.priority, 'limit': 0}
+                        for r in base.roles.values()}
+    return out
 
 
 @dataclass(order=True)

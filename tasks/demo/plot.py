@@ -46,7 +46,7 @@ def plot(report: dict, roles: list[str], path) -> None:
     bottom.set_title('Queue depth by role (ready in the broker)')
 
     # Busy GPU slots: full while anything waits.
-    slots = sum(m['slots'] for m in report['models'].values())
+    slots = report['gpu']['slots']  # the box's GPU slots, across models
     if tl['t']:
         slots_ax.step(tl['t'], tl['running'], where='post', color='black', linewidth=1.0)
         slots_ax.fill_between(tl['t'], tl['running'], step='post', color='0.6')

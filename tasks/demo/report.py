@@ -1,5 +1,6 @@
-"""The demo's report: figures from the ledger and the samples, and the four
-criteria the demo checks itself against.
+"""The demo's report: figures from the ledger and the samples, and the
+criteria the demo checks itself against (priority, GPU use, nothing lost, no
+starvation, and that spike mode and the per-user limits did their job).
 
 Everything is computed after the run from the ledger (one row per request,
 with its times) and the broker samples, so the report describes what
@@ -87,7 +88,7 @@ def _reason(row) -> str:
 
 
 def build(cfg, rows: list[dict], replay, sizing, samples: list[dict], broker_stats: dict,
-          end: float) -> dict:
+          end: float, episodes: list[dict]) -> dict:
     t0 = replay.started_at
     b0, b1 = (t0 + x for x in sizing.phase('burst'))
     admitted = [r for r in rows if r['status'] != 'rejected']
@@ -99,6 +100,7 @@ def build(cfg, rows: list[dict], replay, sizing, samples: list[dict], broker_sta
     for name, m in cfg.models.items():
         models[name] = _sweep([r for r in admitted if r['model'] == name], m.slots, end,
                               (b0, b1))
+    gpu = _sweep(admitted, cfg.gpu_slots, end, (b0, b1))  # the box as a whole
     done = [r for r in admitted if r['status'] == 'succeeded']
     span = (max(r['completed_at'] for r in done) - t0) if done else 0.0
     report = {
@@ -116,6 +118,7 @@ def build(cfg, rows: list[dict], replay, sizing, samples: list[dict], broker_sta
         'wait_by_role': _waits(admitted),
         'wait_by_role_burst': _waits(in_burst),
         'models': models,
+        'gpu': gpu,
         'throughput': {'succeeded': len(done), 'seconds': span,
                        'per_minute': 60 * len(done) / span if span else None,
                        'by_model_per_minute': {
@@ -127,8 +130,10 @@ def build(cfg, rows: list[dict], replay, sizing, samples: list[dict], broker_sta
         'timeline': timeline(cfg, samples, t0),
         'waits': [[round(r['created_at'] - t0, 3), round(r['wait_seconds'], 3), r['role'],
                    r['model']] for r in admitted if r['wait_seconds'] is not None],
+        'spike_episodes': episodes,
     }
     report['criteria'] = criteria(cfg, report, admitted, rows, replay)
+    report['criteria'] += admission_criteria(cfg, report, sizing, rows, episodes)
     return report
 
 
@@ -202,6 +207,61 @@ def criteria(cfg, report, admitted, rows, replay) -> list[dict]:
     return out
 
 
+# Admission reads the clock before it takes the ledger's write lock: allow for it.
+CLOCK_SLACK = 0.5
+
+
+def admission_criteria(cfg, report, sizing, rows, episodes) -> list[dict]:
+    """Spike mode and the per-user limits did their job, judged against what the
+    demo intends (its spike threshold, the built-in role limits), not against the
+    configuration it ran with, so that a run without them fails."""
+    from .load import builtin
+    intended = builtin()
+    cutoff = intended.roles[intended.spike_cutoff_role].priority
+    return [_spike_criterion(cfg, report, sizing, rows, episodes, cutoff),
+            _limit_criterion(rows, {r.name: r.limit for r in intended.roles.values()})]
+
+
+def _spike_criterion(cfg, report, sizing, rows, episodes, cutoff):
+    name = 'spike mode engaged when the backlog crossed its threshold'
+    crossed = [n for n, m in report['models'].items()
+               if m['backlog_peak'] > sizing.spike_depth + cfg.models[n].slots]
+    missing = [n for n in crossed if not any(
+        e['queue'] == cfg.models[n].queue for e in episodes)]
+    refused = sum(1 for r in rows if r['status'] == 'rejected' and _reason(r) == 'spike mode')
+    let_in = [r for r in rows if r['status'] != 'rejected' and r['priority'] > cutoff
+              and any(e['queue'] == r['queue']
+                      and e['started_at'] + CLOCK_SLACK <= r['created_at']
+                      and (e['ended_at'] is None or r['created_at'] < e['ended_at'])
+                      for e in episodes)]
+    ok = bool(episodes) and not missing and refused > 0 and not let_in
+    peaks = ', '.join(f'{n} {m["backlog_peak"]}' for n, m in report['models'].items())
+    return _criterion(name, ok, len(episodes),
+                      f'threshold {sizing.spike_depth}, backlog peak {peaks}; '
+                      f'{len(episodes)} episode(s), {refused} refused, '
+                      f'{len(let_in)} below the cutoff admitted during one'
+                      + (f'; no episode on {", ".join(missing)}' if missing else ''))
+
+
+def _limit_criterion(rows, limits):
+    """No one was admitted past their role's limit, and someone at it was refused."""
+    admitted = [r for r in rows if r['status'] != 'rejected']
+
+    def active(user, t, slack):  # the user's admitted requests open at time t
+        return sum(1 for r in admitted if r['user_id'] == user
+                   and r['created_at'] < t - slack
+                   and (r['completed_at'] is None or r['completed_at'] > t + slack))
+    over = [r for r in admitted if limits.get(r['role'])
+            and active(r['user_id'], r['created_at'], CLOCK_SLACK) >= limits[r['role']]]
+    refused = [r for r in rows if r['status'] == 'rejected' and _reason(r) == 'user limit']
+    unjust = [r for r in refused if active(r['user_id'], r['created_at'], -CLOCK_SLACK)
+              < (limits.get(r['role']) or float('inf'))]
+    return _criterion('per-user limits refused what they should, and only that',
+                      refused and not over and not unjust, len(over),
+                      f'{len(refused)} refused at the limit, {len(over)} admitted past it, '
+                      f'{len(unjust)} refused below it')
+
+
 def _fmt(v, unit='s'):
     return '-' if v is None else f'{v:.1f}{unit}'
 
@@ -234,6 +294,12 @@ def render(report: dict, console, flower_url: str, paths: dict):
                   _fmt(m['while_waiting'] and 100 * m['while_waiting'], '%'),
                   _fmt(m['waiting_s']), str(m['backlog_peak']), _fmt(m['drain_s']),
                   _fmt(report['throughput']['by_model_per_minute'][name], ''))
+    g = report['gpu']
+    t.add_row('GPU, all models', str(g['slots']), f'{g["busy_slot_s"]:.0f}',
+              _fmt(g['overall'] and 100 * g['overall'], '%'),
+              _fmt(g['while_waiting'] and 100 * g['while_waiting'], '%'),
+              _fmt(g['waiting_s']), str(g['backlog_peak']), _fmt(g['drain_s']),
+              _fmt(report['throughput']['per_minute'], ''))
     console.print(t)
     tp = report['throughput']
     console.print(f'Throughput: {tp["succeeded"]} answered in {tp["seconds"]:.0f}s, '

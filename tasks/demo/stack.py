@@ -37,14 +37,6 @@ def answers(url: str, auth=None, timeout=1.0) -> bool:
         return False
 
 
-def ollama_models(url: str) -> set[str]:
-    try:
-        tags = httpx.get(f'{url}/api/tags', timeout=5).json().get('models', [])
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return set()
-    return {m.get('name') for m in tags} | {m.get('model') for m in tags}
-
-
 class Stack:
     """Started processes, with a log file each; :meth:`stop` ends them all."""
 
@@ -104,7 +96,7 @@ def start_simulator(stack: Stack, sizing, port: int) -> str:
 
 def start_workers(stack: Stack, cfg) -> list[str]:
     names = []
-    for model, cmd in workers.commands(cfg, loglevel='info', beat=False):
+    for model, cmd, *_ in workers.commands(cfg, loglevel='info', beat=False):
         stack.start(f'worker-{model}', cmd)
         names.append(f'worker-{model}')
     return names
