@@ -80,6 +80,8 @@ def mark_on_gpu(task_id):
     now = ledger.now()
     with ledger.session(current().ledger_url) as s:
         row = _row(s, task_id)
+        if _settled(row):
+            return
         row.started_at = now
         row.wait_seconds = now - row.created_at
 

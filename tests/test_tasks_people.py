@@ -255,16 +255,25 @@ def test_flower_shows_who_not_what(any_broker_env):
     # A worker's active requests (Flower's worker page, celery inspect active).
     import tasks
     r = httpx.post(apply, auth=auth, timeout=10, json={
-        'args': ['ann', 'director', 'transcript', {'text': 'marker-active', 'options': LONG}]})
+        'args': ['ann', 'director', 'transcript',
+                 {'text': 'marker-active', 'options': {'num_predict': 12000}}]})  # 30 s
     active_id = r.json()['task-id']
     env.wait_status(active_id, 'running')
     workers = httpx.get(f'{base}/api/workers?refresh=1', auth=auth, timeout=20).json()
     name = next(w for w in workers if w.startswith('gpt-oss'))
-    seen_by_flower = httpx.get(f'{base}/api/workers?refresh=1&workername={name}',
-                               auth=auth, timeout=20).json()
-    inspected = tasks.app.control.inspect(timeout=5).active()  # safe=False: the raw args
-    for answer in (seen_by_flower, inspected):
-        [active] = answer[name]['active'] if answer is seen_by_flower else answer[name]
+
+    def flower_active():  # Flower's inspect waits 1 s for replies: ask again if late
+        answer = httpx.get(f'{base}/api/workers?refresh=1&workername={name}', auth=auth,
+                           timeout=20).json()
+        return answer if (answer.get(name) or {}).get('active') else None
+
+    def inspect_active():  # safe=False: what the worker reports as the raw arguments
+        answer = tasks.app.control.inspect(timeout=5, destination=[name]).active()
+        return answer if (answer or {}).get(name) else None
+    seen_by_flower = wait_until(flower_active, 30, "Flower's view of the running request")
+    inspected = wait_until(inspect_active, 30, 'celery inspect active')
+    for answer, [active] in ((seen_by_flower, seen_by_flower[name]['active']),
+                             (inspected, inspected[name])):
         assert active['id'] == active_id and "'user': 'ann'" in str(active['kwargs'])
         assert 'marker-active' not in json.dumps(answer)
     assert tasks.cancel(active_id, by_user='ann').how == 'stopped while running'
