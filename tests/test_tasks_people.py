@@ -166,6 +166,7 @@ def test_cancel_status_and_queue(any_broker_env):
     answer = env.row(again.id).response
     assert answer['response'].startswith('tok0') and answer['done_reason'] == 'stop'
     assert answer['message']['content'] == answer['response']
+    assert answer['thinking'] == answer['message']['thinking'] != ''  # a thinking model
 
     r = env.run('stats', '--json')
     assert r.returncode == 0, r.stderr
