@@ -8,7 +8,12 @@ package reads no file and creates nothing: the configuration
 from .app import app, configure, current
 from .config import ConfigError
 from . import availability, inference, signals  # registers tasks and signal handlers
+from . import flower_view, uptime  # noqa: F401  pool_grow guard; worker up time (report)
 from .admission import Overloaded, ResourceLimitExceeded, submit
+from .directory import RoleNotAllowed
+from .cancellation import CancelNotAllowed, cancel
+from .queue_status import status
 
-__all__ = ['app', 'submit', 'Overloaded', 'ResourceLimitExceeded', 'ConfigError',
-           'configure', 'current', 'inference', 'signals']
+__all__ = ['app', 'submit', 'cancel', 'status', 'Overloaded', 'ResourceLimitExceeded',
+           'RoleNotAllowed', 'CancelNotAllowed', 'ConfigError', 'configure', 'current',
+           'inference', 'signals']

@@ -1,4 +1,6 @@
-"""Command line: ``python -m tasks workers | submit | maintain | report | demo``."""
+"""Command line: ``python -m tasks workers | submit | maintain | report | demo``,
+and the people's side from :mod:`tasks.people_commands`: ``users | cancel | status |
+queue | flower | stats``."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +11,7 @@ import click
 
 import tasks
 from tasks.config import ConfigError
+from tasks.people_commands import COMMANDS
 
 
 class _Commands(click.Group):
@@ -53,7 +56,7 @@ def submit(user_id, role, request_type, text, payload_json, model, wait):
         result = tasks.submit(user_id, role, request_type, payload, model=model)
     except ConfigError:
         raise
-    except (ValueError, tasks.Overloaded, tasks.ResourceLimitExceeded) as exc:
+    except (ValueError, PermissionError, tasks.Overloaded, tasks.ResourceLimitExceeded) as exc:
         raise click.ClickException(f'{type(exc).__name__}: {exc}') from None
     click.echo(result.id)
     if wait:
@@ -98,6 +101,10 @@ def report(since, as_json):
 def demo(ctx):
     module = importlib.import_module('tasks.demo')  # imported only for this command
     sys.exit(module.main(ctx.args))
+
+
+for command in COMMANDS:
+    cli.add_command(command)
 
 
 if __name__ == '__main__':

@@ -17,9 +17,10 @@ from kombu.exceptions import ChannelError
 from kombu.utils.uuid import uuid
 from sqlalchemy import select
 
-from . import config, ledger
+from . import config, directory, ledger
 from .app import app, broker_priority, current
-from .ledger import QUEUED, REJECTED, SUCCEEDED, Request, SpikeEpisode
+from .ledger import QUEUED, REJECTED, Request, SpikeEpisode
+from .worker_request import public_fields
 
 logger = logging.getLogger('tasks.alerts')
 QueueFull = getattr(kombu_sqlite, 'QueueFull', None) or type('QueueFull', (Exception,), {})
@@ -115,11 +116,7 @@ def queue_depth(queue: str) -> int:
 
 def retry_after(s, cfg, model, depth) -> float:
     """How long the backlog ahead takes to drain, from recent run times."""
-    recent = s.scalars(select(Request.run_seconds).where(
-        Request.model == model.name, Request.status == SUCCEEDED,
-        Request.run_seconds.is_not(None)).order_by(Request.completed_at.desc()).limit(50)
-    ).all()
-    mean = sum(recent) / len(recent) if recent else DEFAULT_RUN_SECONDS
+    mean = ledger.mean_run_seconds(s, model.name, DEFAULT_RUN_SECONDS)
     return max(1.0, depth * mean / model.slots)
 
 
@@ -147,6 +144,7 @@ def submit(user_id, role, request_type, payload, *, model=None, task_id=None):
     """Queue one request for ``user_id`` acting as ``role``; returns its AsyncResult.
 
     Raises ValueError (unknown role, request type or model; bad payload),
+    :class:`tasks.RoleNotAllowed` (the directory gives the user a lower role),
     :class:`ResourceLimitExceeded` or :class:`Overloaded`.
     """
     cfg = current()
@@ -163,7 +161,10 @@ def submit(user_id, role, request_type, payload, *, model=None, task_id=None):
     refusal = None
     with ledger.session(cfg.ledger_url) as s:  # one write lock: admissions are serial
         episode = _spike(s, cfg, m, depth, now)
-        if episode is not None and role_.priority > cfg.cutoff_priority:
+        refusal = directory.refusal(cfg, s, user_id, role)
+        if refusal is not None:
+            pass  # an escalation is refused as such, not counted against the spike
+        elif episode is not None and role_.priority > cfg.cutoff_priority:
             episode.refused += 1
             refusal = Overloaded(
                 f'model {m.name!r} is in spike mode ({depth} requests waiting); only '
@@ -172,7 +173,7 @@ def submit(user_id, role, request_type, payload, *, model=None, task_id=None):
         elif depth >= m.max_queue:
             refusal = Overloaded(f'queue {m.queue!r} is full ({depth} requests waiting)',
                                  retry_after(s, cfg, m, depth))
-        elif role_.limit and ledger.active_count(s, user_id) >= role_.limit:
+        elif role_.limit and ledger.active_count(s, user_id, role) >= role_.limit:
             refusal = ResourceLimitExceeded(
                 f'user {user_id!r} already has {role_.limit} request(s) queued or running, '
                 f'the limit for role {role!r}')
@@ -185,6 +186,9 @@ def submit(user_id, role, request_type, payload, *, model=None, task_id=None):
                     priority=broker_priority(cfg, role_.priority),
                     headers={'x-client': user_id, 'x-role': role,
                              'x-request-type': request_type},
+                    # Flower and the worker log show who asked, never the prompt.
+                    argsrepr='()',
+                    kwargsrepr=repr(public_fields(user_id, role, request_type, m.name)),
                     expires=cfg.request_expiry)
             except QueueFull:  # the message was not published: the row says so
                 refusal = Overloaded(f'queue {m.queue!r} is full',
@@ -212,7 +216,8 @@ class RequestTask(Task):
         task_id = task_id or uuid()
         try:
             return submit(*args, task_id=task_id, **kwargs)
-        except (ValueError, TypeError, Overloaded, ResourceLimitExceeded) as exc:
+        except (ValueError, TypeError, PermissionError, Overloaded,
+                ResourceLimitExceeded) as exc:
             self.backend.mark_as_failure(task_id, exc)
             return AsyncResult(task_id, app=self.app)
 

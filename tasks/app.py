@@ -96,6 +96,9 @@ def settings(cfg) -> dict:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_track_started=True,
+        # Flower, inspect and the log show who asked, not the prompt or answer.
+        task_annotations={name: {'Request': 'tasks.worker_request:InferenceRequest'}
+                          for name in ('tasks.generate', 'tasks.chat')},
         task_send_sent_event=True,
         worker_send_task_events=True,
         result_extended=True,

@@ -103,6 +103,9 @@ class Config:
     models: dict[str, Model] = field(default_factory=dict)
     request_types: dict[str, RequestType] = field(default_factory=dict)
     roles: dict[str, Role] = field(default_factory=dict)
+    users: dict[str, str] = field(default_factory=dict)  # [users]: user id -> role
+    default_role: str = 'staff'
+    unknown_users: str = 'default'  # or 'refuse'
 
     def model_for_queue(self, queue):
         return next((m for m in self.models.values() if m.queue == queue), None)
@@ -146,6 +149,8 @@ DEFAULTS = {
                    'unresponsive_after': 60.0, 'stuck_after': 120.0,
                    'shutdown_grace': None},  # None: ollama.timeout
     'gpu': {'slots': None},  # None: the sum of the models' slots
+    'users': {},              # user id = role; the ledger's tasks_user table wins
+    'access': {'default_role': 'staff', 'unknown_users': 'default'},
     'models': {
         'gpt-oss:20b': {'slots': 1},
         'llama3.2-vision:11b': {'slots': 1},
@@ -245,7 +250,7 @@ def load(path: str | os.PathLike | None = None, **overrides) -> Config:
     r = _Reader(raw, where)
     r.check_keys('', raw, set(DEFAULTS))
     for section in ('ollama', 'retry', 'spike', 'embedding', 'maintenance', 'supervisor',
-                    'gpu'):
+                    'gpu', 'access'):
         if section in raw:
             r.check_keys(section, raw[section], set(DEFAULTS[section]))
     r = _Reader(_merge(DEFAULTS, raw), where)
@@ -264,6 +269,7 @@ def _build(r: _Reader) -> Config:
     resume = r.get('spike.resume_depth', int, minimum=0)
     if resume >= depth:
         r.fail('spike.resume_depth', f'must be below spike.depth ({depth}), got {resume}')
+    default_role, unknown_users, users = _access(r, roles)
     url = os.environ.get('OLLAMA_HOST') or r.get('ollama.url', str)
     if '://' not in url:  # OLLAMA_HOST is often given as host:port
         url = f'http://{url}'
@@ -297,6 +303,7 @@ def _build(r: _Reader) -> Config:
         or sum(m.slots for m in models.values()),
         request_expiry=r.get('maintenance.request_expiry', float, minimum=1),
         models=models, request_types=request_types, roles=roles,
+        users=users, default_role=default_role, unknown_users=unknown_users,
     )
 
 
@@ -431,3 +438,25 @@ def to_toml(data: dict) -> str:
             lines.append(f'\n[{section}]')
             lines += [f'{json.dumps(k)} = {value(v)}' for k, v in table.items()]
     return '\n'.join(lines) + '\n'
+
+
+UNKNOWN_USERS = ('default', 'refuse')
+
+
+def _access(r: _Reader, roles: dict) -> tuple[str, str, dict[str, str]]:
+    """``[access]`` and ``[users]``: every role named must exist."""
+    default_role = r.get('access.default_role', str)
+    if default_role not in roles:
+        r.fail('access.default_role', f'unknown role {default_role!r} '
+                                      f'(roles: {", ".join(roles)})')
+    unknown = r.get('access.unknown_users', str)
+    if unknown not in UNKNOWN_USERS:
+        r.fail('access.unknown_users', f'must be one of {", ".join(UNKNOWN_USERS)}, '
+                                       f'got {unknown!r}')
+    users = {}
+    for user, role in (r.get('users', dict) or {}).items():
+        r.check(f'users.{user}', role, str)
+        if role not in roles:
+            r.fail(f'users.{user}', f'unknown role {role!r} (roles: {", ".join(roles)})')
+        users[user] = role
+    return default_role, unknown, users

@@ -15,9 +15,9 @@ from sqlalchemy import (JSON, Float, Index, Integer, String, Text, create_engine
                         func, inspect, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED = (
-    'queued', 'running', 'succeeded', 'failed', 'rejected', 'expired')
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED)
+QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED, CANCELLED = (
+    'queued', 'running', 'succeeded', 'failed', 'rejected', 'expired', 'cancelled')
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, EXPIRED, CANCELLED)
 ACTIVE = (QUEUED, RUNNING)
 
 
@@ -77,6 +77,27 @@ class SpikeEpisode(Base):
     ended_at: Mapped[float | None] = mapped_column(Float)
     depth_at_start: Mapped[int] = mapped_column(Integer)
     refused: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class User(Base):
+    """The user directory (``python -m tasks users``): wins over ``[users]``."""
+    __tablename__ = 'tasks_user'
+
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    role: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class WorkerSpan(Base):
+    """One run of a worker, for utilisation over the time workers were up."""
+    __tablename__ = 'tasks_worker_span'
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    queues: Mapped[str] = mapped_column(Text)  # comma-separated
+    started_at: Mapped[float] = mapped_column(Float, index=True)
+    seen_at: Mapped[float] = mapped_column(Float)  # last heartbeat written
+    stopped_at: Mapped[float | None] = mapped_column(Float)
 
 
 _engines: dict = {}
@@ -166,10 +187,20 @@ def spike_episodes(url: str, since: float | None = None) -> list[dict]:
                 for e in s.scalars(q)]
 
 
-def active_count(s: Session, user_id: str) -> int:
+def active_count(s: Session, user_id: str, role: str) -> int:
+    """The user's queued and running requests asked in ``role``."""
     rows = s.scalars(select(Request.task_id).where(
-        Request.user_id == user_id, Request.status.in_(ACTIVE)))
+        Request.user_id == user_id, Request.role == role, Request.status.in_(ACTIVE)))
     return len(rows.all())
+
+
+def mean_run_seconds(s: Session, model: str, default: float, recent: int = 50) -> float:
+    """Mean run time of the model's last ``recent`` successful requests."""
+    runs = s.scalars(select(Request.run_seconds).where(
+        Request.model == model, Request.status == SUCCEEDED,
+        Request.run_seconds.is_not(None)).order_by(Request.completed_at.desc()).limit(recent)
+    ).all()
+    return sum(runs) / len(runs) if runs else default
 
 
 def get(url: str, task_id: str) -> Request | None:

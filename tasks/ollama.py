@@ -213,7 +213,12 @@ class Ollama:
             message['thinking'] = ''.join(thinking)
         if calls:
             message['tool_calls'] = calls
-        return {'model': model, 'message': message, 'done_reason': final.get('done_reason'),
+        # 'response' (and 'thinking') as for generate: one shape for every answer;
+        # Ollama's own 'message' too.
+        out = {'model': model, 'response': message['content']}
+        if 'thinking' in message:
+            out['thinking'] = message['thinking']
+        return {**out, 'message': message, 'done_reason': final.get('done_reason'),
                 **stats(final)}
 
     def embed(self, model: str, inputs: list[str], *, keep_alive=None) -> dict:

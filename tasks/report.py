@@ -7,7 +7,7 @@ import time
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
-from . import ledger
+from . import ledger, uptime
 from .ledger import ACTIVE, SUCCEEDED
 
 _UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
@@ -72,16 +72,24 @@ def build(cfg, since: float | None = None, now: float | None = None,
     for r in rows:
         if r.started_at and r.run_seconds:
             busy[r.model] += r.run_seconds
-    utilisation = {
-        name: {'slots': m.slots, 'busy_slot_seconds': busy.get(name, 0.0),
-               'available_slot_seconds': m.slots * window,
-               'utilisation': busy.get(name, 0.0) / (m.slots * window)}
-        for name, m in cfg.models.items()}
+    # Over the time the model's workers were up in the window (a fresh install
+    # is not spread over a day it did not run), else over the whole window.
+    up = uptime.up_seconds(cfg, start, now)
+    utilisation = {}
+    for name, m in cfg.models.items():
+        seconds = window if up is None else up.get(name, 0.0)
+        utilisation[name] = {
+            'slots': m.slots, 'busy_slot_seconds': busy.get(name, 0.0),
+            'basis': 'window' if up is None else 'worker uptime', 'up_seconds': seconds,
+            'available_slot_seconds': m.slots * seconds,
+            'utilisation': busy.get(name, 0.0) / (m.slots * seconds) if seconds else None}
 
     gpu_busy = sum(busy.values())
+    gpu_up = window if up is None else up[uptime.ANY_MODEL]
     gpu = {'slots': cfg.gpu_slots, 'busy_slot_seconds': gpu_busy,
-           'available_slot_seconds': cfg.gpu_slots * window,
-           'utilisation': gpu_busy / (cfg.gpu_slots * window)}
+           'basis': 'window' if up is None else 'worker uptime', 'up_seconds': gpu_up,
+           'available_slot_seconds': cfg.gpu_slots * gpu_up,
+           'utilisation': gpu_busy / (cfg.gpu_slots * gpu_up) if gpu_up else None}
 
     submitted = Counter(_hour(r.created_at) for r in rows)
     peaks = [{'hour': h, 'submitted': n} for h, n in submitted.most_common(3)]
@@ -130,18 +138,27 @@ def render(data: dict, console=None):
         t.add_row(role, str(w['requests']), str(w['started']), _fmt(w['avg_wait_s']),
                   _fmt(w['p95_wait_s']))
     console.print(t)
-    t = Table(title='Models')
-    for col in ('model', 'slots', 'busy slot-s', 'utilisation', 'ready', 'queued', 'running'):
+    bases = {u['basis'] for u in data['model_utilisation'].values()}
+    t = Table(title='Models', caption='utilisation: busy slot-seconds over slots x '
+              + ('the time its workers were up in the window' if bases == {'worker uptime'}
+                 else 'the whole window (no worker uptime recorded)'))
+    for col in ('model', 'slots', 'up', 'busy slot-s', 'utilisation', 'ready', 'queued',
+                'running'):
         t.add_column(col, justify='left' if col == 'model' else 'right')
     for name, u in data['model_utilisation'].items():
         q = data['queue_depth'][name]
-        t.add_row(name, str(u['slots']), f'{u["busy_slot_seconds"]:.1f}',
-                  f'{u["utilisation"]:.1%}', '-' if q['ready'] is None else str(q['ready']),
+        t.add_row(name, str(u['slots']), _fmt(u['up_seconds']),
+                  f'{u["busy_slot_seconds"]:.1f}',
+                  '-' if u['utilisation'] is None else f'{u["utilisation"]:.1%}',
+                  '-' if q['ready'] is None else str(q['ready']),
                   str(q['queued']), str(q['running']))
     console.print(t)
     g = data['gpu_utilisation']
     console.print(f'GPU, all models: {g["slots"]} slot(s) ([gpu] slots), '
-                  f'{g["busy_slot_seconds"]:.1f} busy slot-s, {g["utilisation"]:.1%} utilisation')
+                  f'{g["busy_slot_seconds"]:.1f} busy slot-s over {_fmt(g["up_seconds"])} '
+                  f'({g["basis"]}), '
+                  + ('-' if g['utilisation'] is None else f'{g["utilisation"]:.1%}')
+                  + ' utilisation')
     if data['peak_periods']:
         console.print('Peak hours (submitted): ' + ', '.join(
             f'{p["hour"]} ({p["submitted"]})' for p in data['peak_periods']))

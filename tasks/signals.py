@@ -3,7 +3,8 @@
 Each handler updates the request's row by task id.  A request that runs again
 after its worker died is the same row (``attempts`` goes up), never a second
 one.  A request published without :func:`tasks.submit` (``apply_async`` by
-hand) gets its row when it starts, from its message headers.
+hand), once the worker has checked it against the user directory
+(:mod:`tasks.worker_request`), gets its row when it starts, from its headers.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from celery import signals
 
 from . import ledger, ollama
 from .app import app, current
-from .ledger import FAILED, QUEUED, RUNNING, SUCCEEDED, EXPIRED, Request
+from .ledger import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, EXPIRED, Request
 
 logger = logging.getLogger(__name__)
 LEDGERED = ('tasks.generate', 'tasks.chat', 'tasks.embed')
@@ -45,6 +46,11 @@ def _row(s, task_id, request=None, kwargs=None) -> Request:
     return row
 
 
+def _settled(row) -> bool:
+    # A cancelled request stays cancelled, whatever its worker reports after.
+    return row.status == CANCELLED
+
+
 def _safely(fn):
     # The ledger must never take a task down with it; log and carry on.
     def wrapper(*args, **kwargs):
@@ -59,6 +65,8 @@ def mark_running(task_id, request=None, kwargs=None, worker=None):
     now = ledger.now()
     with ledger.session(current().ledger_url) as s:
         row = _row(s, task_id, request, kwargs)
+        if _settled(row):
+            return
         row.status = RUNNING
         row.started_at = now
         row.wait_seconds = now - row.created_at
@@ -72,6 +80,8 @@ def mark_on_gpu(task_id):
     now = ledger.now()
     with ledger.session(current().ledger_url) as s:
         row = _row(s, task_id)
+        if _settled(row):
+            return
         row.started_at = now
         row.wait_seconds = now - row.created_at
 
@@ -81,6 +91,8 @@ def mark_succeeded(task_id, result: dict):
     now = ledger.now()
     with ledger.session(cfg.ledger_url) as s:
         row = _row(s, task_id)
+        if _settled(row):
+            return
         row.status = SUCCEEDED
         row.completed_at = now
         row.run_seconds = now - (row.started_at or now)
@@ -99,6 +111,8 @@ def mark_failed(task_id, error: str, status=FAILED):
     now = ledger.now()
     with ledger.session(current().ledger_url) as s:
         row = _row(s, task_id)
+        if _settled(row):
+            return
         row.status = status
         row.completed_at = now
         if row.started_at:
@@ -109,6 +123,8 @@ def mark_failed(task_id, error: str, status=FAILED):
 def mark_retrying(task_id, error: str):
     with ledger.session(current().ledger_url) as s:
         row = _row(s, task_id)
+        if _settled(row):
+            return
         row.status = QUEUED  # the broker holds the delayed retry
         row.retries = (row.retries or 0) + 1
         row.error = error

@@ -108,19 +108,23 @@ class Sim:
         return httpx.get(f'{self.url}/_sim/stats').json()
 
 
+def wait_http_ok(procs: Procs, proc, url: str, timeout: float, what: str):
+    """Until ``url`` answers 200; fails at once with the log if ``proc`` exits."""
+    def up():
+        assert proc.poll() is None, procs.log(proc)
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+    wait_until(up, timeout, what)
+
+
 def start_simulator(procs: Procs, *args) -> Sim:
     port = free_port()
     proc = procs.start([sys.executable, '-m', 'tasks.simulator', '--port', str(port), *args],
                        name='simulator')
     url = f'http://127.0.0.1:{port}'
-
-    def up():
-        assert proc.poll() is None, procs.log(proc)
-        try:
-            return httpx.get(f'{url}/api/version', timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-    wait_until(up, 15, 'the simulator')
+    wait_http_ok(procs, proc, f'{url}/api/version', 15, 'the simulator')
     return Sim(url, proc)
 
 
@@ -157,6 +161,8 @@ def start_redis(procs: Procs) -> str:
 
 BASE_CONFIG = {
     'visibility_timeout': 30,
+    # Tests of other features name any role; the directory's tests set their own.
+    'access': {'default_role': 'system'},
     'ollama': {'stall_timeout': 1.5, 'timeout': 30, 'connect_timeout': 1},
     'retry': {'max_retries': 4, 'backoff': 1, 'backoff_max': 2, 'jitter': False},
     'embedding': {'batch_size': 4, 'max_wait': 0.5},
@@ -223,10 +229,10 @@ class TasksEnv:
             assert proc.poll() is None, self.procs.log(proc)
         return proc
 
-    def run(self, *args, timeout=60):
+    def run(self, *args, timeout=60, env=None):
         return subprocess.run([sys.executable, '-m', 'tasks', *args], cwd=ROOT,
-                              env={**os.environ, **self.env}, capture_output=True,
-                              text=True, timeout=timeout)
+                              env={**os.environ, **self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
 
     def rows(self):
         from tasks import ledger

@@ -7,7 +7,7 @@ pytest_plugins = ['tasks_fixtures']
 
 
 def test_submit_over_flower_http_api(tasks_env):
-    from tasks_fixtures import free_port, wait_until
+    from tasks_fixtures import free_port, wait_http_ok
     tasks_env.configure()
     tasks_env.worker()
     port = free_port()
@@ -16,13 +16,7 @@ def test_submit_over_flower_http_api(tasks_env):
          '--address=127.0.0.1', '--basic-auth=ops:s3cret'], env=tasks_env.env, name='flower')
     base = f'http://127.0.0.1:{port}'
 
-    def up():
-        assert flower.poll() is None, tasks_env.procs.log(flower)
-        try:
-            return httpx.get(f'{base}/healthcheck', timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-    wait_until(up, 30, 'flower')
+    wait_http_ok(tasks_env.procs, flower, f'{base}/healthcheck', 30, 'flower')
     url = f'{base}/api/task/async-apply/tasks.request'
     body = {'args': ['ann', 'director', 'transcript', {'text': 'over http'}]}
 

@@ -110,6 +110,7 @@ def config(sizing: Sizing, without=()) -> dict:
         'spike': {'depth': depth, 'resume_depth': depth // 2,
                   'cutoff_role': base.spike_cutoff_role},
         'models': {name: {'slots': n} for name, n in sizing.slots.items()},
+        'users': {u: role for role, names in user_names(sizing).items() for u in names},
         'request_types': {
             t: {'model': types[t].model, 'task': types[t].task, 'prompt': types[t].prompt,
                 'system': types[t].system, 'options': {**types[t].options, 'num_predict': n}}
@@ -134,10 +135,15 @@ def _pick(rng, weights: dict):
     return rng.choices(list(weights), weights=list(weights.values()))[0]
 
 
+def user_names(sizing: Sizing) -> dict[str, list[str]]:
+    """role -> the demo's users in it (also its [users] directory)."""
+    return {role: [f'{role}-{i + 1:02d}' for i in range(n)]
+            for role, n in sizing.users.items()}
+
+
 def timetable(sizing: Sizing, seed: int = 1) -> list[Event]:
     rng = random.Random(seed)
-    users = {role: [f'{role}-{i + 1:02d}' for i in range(n)]
-             for role, n in sizing.users.items()}
+    users = user_names(sizing)
     everyone = [(role, u) for role, names in users.items() for u in names]
     events = []
     for name, load in (('steady', STEADY_LOAD), ('recovery', RECOVERY_LOAD)):

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from .. import workers
+from ..flower_view import TASK_COLUMNS
 
 
 def free_port(preferred: int = 0) -> int:
@@ -108,7 +109,8 @@ def worker_ready(stack: Stack, name: str) -> bool:
 def start_flower(stack: Stack, port: int, user: str, password: str) -> str:
     stack.start('flower', [sys.executable, '-m', 'celery', '-A', 'tasks', 'flower',
                            f'--port={port}', '--address=127.0.0.1',
-                           f'--basic-auth={user}:{password}'])
+                           f'--basic-auth={user}:{password}',
+                           f'--tasks_columns={TASK_COLUMNS}'])
     return f'http://127.0.0.1:{port}'
 
 
