@@ -172,6 +172,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.scheduling import FairCycle
 
 from . import schema
+from .eventloop import HubConsumer
 from .housekeeper import Housekeeper
 from .store import ROUTING_RULES, Store
 from .wakeup import Waiter
@@ -509,6 +510,7 @@ class Transport(virtual.Transport):
     polling_interval = 0.5
 
     implements = virtual.Transport.implements.extend(
+        asynchronous=True,  # Celery's worker consumes from its hub: see eventloop.py
         exchange_type=frozenset(['direct', 'topic', 'fanout']),
     )
 
@@ -525,9 +527,12 @@ class Transport(virtual.Transport):
         self.housekeeping_interval = _option(options, 'housekeeping_interval', 1.0)
         self.prefetch_wait = _option(options, 'prefetch_wait', 0.005)
         self.native_delayed_delivery = bool(options.get('native_delayed_delivery', True))
+        self.wakeup = options.get('wakeup', 'auto')
+        self.poll_interval = _option(options, 'poll_interval', 0.002)
         self.exchange_types = {}
         self._store = None
         self._waiter = None
+        self._hub_consumer = None
         self._owner = None
         self._housekeeper = None
 
@@ -565,6 +570,9 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection):
+        if self._hub_consumer is not None:
+            self._hub_consumer.unregister()
+            self._hub_consumer = None
         if self._housekeeper is not None and self._housekeeper.pid == os.getpid():
             self._housekeeper.stop(timeout=self.store.busy_timeout + 5)
             self._housekeeper = None
@@ -585,10 +593,24 @@ class Transport(virtual.Transport):
 
     def _get_waiter(self) -> Waiter:
         if self._waiter is None or self._waiter.pid != os.getpid():
-            options = self.client.transport_options
-            self._waiter = Waiter(self.store, options.get('wakeup', 'auto'),
-                                  _option(options, 'poll_interval', 0.002))
+            self._waiter = Waiter(self.store, self.wakeup, self.poll_interval)
         return self._waiter
+
+    def register_with_event_loop(self, connection, loop):
+        """Consume from kombu's hub (Celery's worker loop) instead of ``drain_events``."""
+        if self._hub_consumer is None or self._hub_consumer.pid != os.getpid():
+            self._hub_consumer = HubConsumer(self, self._get_waiter(),
+                                             self.polling_interval, self.poll_interval)
+        self._hub_consumer.register(loop)
+
+    def deliver_batch(self):
+        """Claim and deliver one batch from the next channel and queue with
+        work and budget; raise ``queue.Empty`` when there is none."""
+        self.cycle.get(self._deliver)
+
+    def prefetch_spent(self) -> bool:
+        """Does a consuming channel wait for acks before it may claim more?"""
+        return any(c._consumers and not c.qos.can_consume() for c in self.channels)
 
     def drain_events(self, connection, timeout=None):
         """Deliver one batch, sleeping on the wake-up signal while idle."""
@@ -598,7 +620,7 @@ class Transport(virtual.Transport):
         while True:
             waiter.arm()
             try:
-                self.cycle.get(self._deliver, timeout=timeout)
+                self.deliver_batch()
                 return
             except Empty:
                 pass
@@ -607,7 +629,7 @@ class Transport(virtual.Transport):
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise socket.timeout()
-            if any(c._consumers and not c.qos.can_consume() for c in self.channels):
+            if self.prefetch_spent():
                 # Prefetch budget used up.  Acks from other threads free it
                 # within a millisecond; but Celery before 5.7 applies acks
                 # between drain_events calls, so give control back soon.

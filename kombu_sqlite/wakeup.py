@@ -5,6 +5,10 @@ Linux an inotify watch on that file wakes the consumer within a millisecond
 and costs nothing while idle.  Elsewhere (or if inotify is unavailable) the
 waiter polls ``PRAGMA data_version``, which changes when another connection
 commits, every ``poll_interval`` seconds.
+
+The same waiter serves kombu's event loop (see :mod:`kombu_sqlite.eventloop`):
+``fileno()`` is the descriptor to register as readable, ``changed()`` the
+check a timer runs when there is none.
 """
 from __future__ import annotations
 
@@ -54,6 +58,16 @@ class Waiter:
             inotify.close()
             raise
         self._inotify = inotify
+
+    def fileno(self) -> int | None:
+        """A descriptor that is readable after a commit, or None when polling."""
+        return self._inotify.fileno() if self._inotify is not None else None
+
+    def changed(self) -> bool:
+        """Without waiting: has a commit been seen since ``arm``?"""
+        if self._inotify is not None:
+            return bool(select.select([self._inotify.fileno()], [], [], 0)[0])
+        return self._data_version() != self._version
 
     def arm(self) -> None:
         """Call before looking for work: later commits will end ``wait``."""

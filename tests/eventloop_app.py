@@ -3,6 +3,7 @@
 Prefetch multiplier 4, early acks and ``worker_pool_putlocks`` on: what an app
 that never copied our recommended settings runs with.
 """
+import json
 import os
 import time
 
@@ -11,6 +12,7 @@ from celery import Celery
 
 app = Celery('eventloop_app', broker=os.environ['TEST_BROKER_URL'])
 app.conf.broker_connection_retry_on_startup = True
+app.conf.broker_transport_options = json.loads(os.environ.get('TEST_TRANSPORT_OPTIONS', '{}'))
 
 
 def _mark(name, value):

@@ -5,6 +5,7 @@ Real workers on ``tests/eventloop_app.py`` (prefetch multiplier 4, early acks,
 redis-server.  Three 4 s tasks keep a one-process worker busy for 12 s while
 the test pings it, inspects it and revokes tasks, each with a 1 s timeout.
 """
+import json
 import os
 import socket
 import sys
@@ -21,11 +22,13 @@ TASK_SECONDS = 4
 class Worker:
     """One `celery worker` on eventloop_app and a client app talking to it."""
 
-    def __init__(self, procs, tmp_path, broker_url, pool):
+    def __init__(self, procs, tmp_path, broker, pool):
         self.procs = procs
         self.marks = tmp_path / 'marks'
         self.marks.mkdir()
+        broker_url, transport_options = broker
         self.env = {'TEST_BROKER_URL': broker_url, 'TEST_MARK_DIR': str(self.marks),
+                    'TEST_TRANSPORT_OPTIONS': json.dumps(transport_options),
                     'PYTHONPATH': HERE + os.pathsep + os.environ.get('PYTHONPATH', '')}
         self.pool = pool
         self.node = f'busy-{pool}@{socket.gethostname()}'
@@ -48,6 +51,16 @@ class Worker:
     def ping(self):
         return bool(self.app.control.ping(destination=[self.node], timeout=1))
 
+    def active(self):
+        """Ids of the tasks the worker says it runs (1 s timeout), or None."""
+        reply = self.app.control.inspect([self.node], timeout=1).active()
+        return reply and [task['id'] for task in reply[self.node]]
+
+    def revoke(self, task_id, **kwargs):
+        """True if the worker acknowledged the revoke within 1 s."""
+        return bool(self.app.control.revoke(task_id, destination=[self.node], reply=True,
+                                            timeout=1, **kwargs))
+
     def marks_of(self, name):
         path = self.marks / name
         return [line.split()[0] for line in path.read_text().splitlines()] \
@@ -59,19 +72,21 @@ class Worker:
             os.environ.pop(key, None)
 
 
-@pytest.fixture(params=['sqlite', 'redis'])
+@pytest.fixture(params=['sqlite', 'sqlite-poll', 'redis'])
 def broker(request, procs, tmp_path):
+    """A broker URL and transport options: inotify wake-ups, polling, Redis."""
     if request.param == 'redis':
-        return start_redis(procs)
-    return f'sqlite:///{tmp_path}/broker.db'
+        return start_redis(procs), {}
+    options = {'wakeup': 'poll'} if request.param == 'sqlite-poll' else {}
+    return f'sqlite:///{tmp_path}/broker.db', options
 
 
 @pytest.fixture
 def worker_on(procs, tmp_path):
     workers = []
 
-    def make(broker_url, pool):
-        worker = Worker(procs, tmp_path, broker_url, pool)
+    def make(broker, pool):
+        worker = Worker(procs, tmp_path, broker, pool)
         workers.append(worker)
         worker.start()
         return worker
@@ -95,3 +110,25 @@ def test_busy_worker_answers_pings(broker, worker_on, pool):
     # Six 1 s pings take about 6 s: the worker is busy for 12 s.
     assert 'done' not in worker.marks_of('job2'), 'the tasks ended before the pings did'
     assert answered == 6, f'{answered} of 6 pings answered while the pool was busy'
+
+
+def test_busy_prefork_worker_applies_revokes(broker, worker_on):
+    worker = worker_on(broker, 'prefork')
+    running, next_up, queued = keep_busy(worker)
+    assert worker.active() == [running.id]
+    assert worker.revoke(queued.id), 'the revoke of a queued task went unanswered'
+    assert worker.revoke(running.id, terminate=True), \
+        'the revoke of the running task went unanswered'
+    wait_for(lambda: 'done' in worker.marks_of('job1'), 30, what='the next task to finish')
+    assert worker.marks_of('job0') == ['start'], 'the running task was not terminated'
+    time.sleep(2)  # the queued task would start at once if the revoke were lost
+    assert worker.marks_of('job2') == []
+
+
+def test_solo_worker_runs_tasks_and_answers_between_them(broker, worker_on):
+    # A solo worker runs tasks in its consumer loop, on every broker: it answers
+    # when a task ends.
+    worker = worker_on(broker, 'solo')
+    keep_busy(worker)
+    wait_for(lambda: 'done' in worker.marks_of('job2'), 30, what='the three tasks')
+    assert worker.ping()

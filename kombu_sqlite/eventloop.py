@@ -1,0 +1,130 @@
+"""Consuming inside kombu's event loop: the hub that Celery's worker runs.
+
+The transport declares ``implements.asynchronous``, so Celery's worker runs
+its non-blocking consumer loop (``celery.worker.loops.asynloop``): the hub
+polls descriptors and calls back when one is readable, and between callbacks
+it serves the prefork pool's pipes, timers, remote control and revokes.  The
+blocking loop instead stops inside the pool's ``apply_async`` while every
+process is busy, and answers nothing until one frees up.
+
+What a connection registers with the hub:
+
+* the waiter's inotify descriptor, readable after any process commits to the
+  file; a callback claims and delivers until the queues are empty or the
+  prefetch budget is spent;
+* a pipe of its own, written when a callback stopped after ``max_rounds``
+  deliveries with work possibly left, so the hub comes back at once (after
+  serving everything else) rather than after its poll timeout;
+* a check on every turn of the loop: a channel whose prefetch budget was
+  spent gets a round as soon as an ack frees it (acks are written with the
+  next claim, so nothing becomes readable by itself);
+* a timer every ``polling_interval`` that delivers anyway, the safety net for
+  a missed wake-up; without inotify, a timer every ``poll_interval`` that
+  reads ``PRAGMA data_version`` instead of the descriptor.
+
+Lease renewal, expiry and the release of due ETA messages stay in the
+housekeeper thread; its commits wake the loop like any other process's.
+"""
+from __future__ import annotations
+
+import os
+from queue import Empty
+
+
+class HubConsumer:
+    """Delivers a transport's messages from inside one kombu hub."""
+
+    #: deliveries (one claimed batch each) per callback before the hub runs
+    #: its other callbacks; the pipe brings it back for the rest.
+    max_rounds = 10
+
+    def __init__(self, transport, waiter, polling_interval: float, poll_interval: float):
+        self.transport = transport
+        self.waiter = waiter
+        self.polling_interval = polling_interval
+        self.poll_interval = poll_interval
+        self.pid = os.getpid()
+        self._loop = None
+        self._timers = []
+        self._watched_fd = None
+        self._kick_r = self._kick_w = None
+        self._starved = False
+
+    def register(self, loop) -> None:
+        """Hook into ``loop``; a second call (after a reconnect) starts afresh."""
+        self.unregister()
+        self._loop = loop
+        self._kick_r, self._kick_w = os.pipe()
+        os.set_blocking(self._kick_r, False)
+        os.set_blocking(self._kick_w, False)
+        loop.add_reader(self._kick_r, self.on_readable)
+        self._watch()
+        loop.on_tick.add(self.on_tick)
+        self._timers.append(loop.call_repeatedly(self.polling_interval, self.on_readable))
+        if self._watched_fd is None:
+            self._timers.append(loop.call_repeatedly(self.poll_interval, self.on_poll))
+        self.kick()  # deliver what waited before we were registered
+
+    def unregister(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        for tref in self._timers:
+            tref.cancel()
+        self._timers = []
+        loop.on_tick.discard(self.on_tick)
+        for fd in (self._watched_fd, self._kick_r):
+            if fd is not None:
+                loop.remove(fd)
+        self._watched_fd = None
+        if os.getpid() == self.pid:
+            os.close(self._kick_r)
+            os.close(self._kick_w)
+        self._kick_r = self._kick_w = None
+
+    def _watch(self) -> None:
+        """Keep the hub watching the waiter's descriptor (it changes when the
+        WAL file is replaced)."""
+        fd = self.waiter.fileno()
+        if fd == self._watched_fd:
+            return
+        if self._watched_fd is not None:
+            self._loop.remove(self._watched_fd)
+        if fd is not None:
+            self._loop.add_reader(fd, self.on_readable)
+        self._watched_fd = fd
+
+    def kick(self) -> None:
+        """Make the hub call ``on_readable`` on its next turn."""
+        try:
+            os.write(self._kick_w, b'\0')
+        except BlockingIOError:
+            pass  # the pipe is full: a call is pending already
+
+    def on_readable(self) -> None:
+        if self._loop is None:
+            return
+        try:
+            while os.read(self._kick_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        # Commits after this point make the descriptor readable again.
+        self.waiter.arm()
+        self._watch()
+        for _ in range(self.max_rounds):
+            try:
+                self.transport.deliver_batch()
+            except Empty:
+                break
+        else:
+            self.kick()
+        self._starved = self.transport.prefetch_spent()
+
+    def on_tick(self) -> None:
+        if self._starved and not self.transport.prefetch_spent():
+            self.on_readable()
+
+    def on_poll(self) -> None:
+        if self.waiter.changed():
+            self.on_readable()
