@@ -1,20 +1,132 @@
-"""A busy worker keeps answering remote control, with Celery's default settings.
+"""Consuming from kombu's event loop (the hub Celery's worker runs).
 
-Real workers on ``tests/eventloop_app.py`` (prefetch multiplier 4, early acks,
-``worker_pool_putlocks`` on), on sqlite:// and, for comparison, on a real
+First kombu alone: a consumer registered with a real ``Hub`` gets messages
+that another process publishes through the readable descriptor (the safety
+timer is set to 30 s, so nothing else could bring them), the next message as
+soon as an ack frees the prefetch budget, and a long backlog without stalls;
+its hub sleeps while idle.
+
+Then real workers on ``tests/eventloop_app.py`` with Celery's default settings
+(prefetch multiplier 4, early acks, ``worker_pool_putlocks`` on), on
+sqlite:// (inotify and polling wake-ups) and, for comparison, a real
 redis-server.  Three 4 s tasks keep a one-process worker busy for 12 s while
 the test pings it, inspects it and revokes tasks, each with a 1 s timeout.
 """
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 
 import pytest
+from kombu import Connection, Consumer, Exchange, Queue
+from kombu.asynchronous import Hub
 
+import kombu_sqlite  # noqa: F401  registers sqlite://
 from conftest import HERE, wait_for
 from tasks_fixtures import start_redis
+
+# Nothing but the hub's descriptors may deliver in the kombu-level tests.
+SLOW_TIMERS = {'polling_interval': 30, 'housekeeping_interval': 30}
+
+
+WORK = Queue('work', Exchange('work', 'direct'), 'work')
+
+
+class HubConsumer:
+    """A kombu consumer in this process, driven by a real Hub."""
+
+    def __init__(self, url, prefetch_count=None, ack=True, **options):
+        self.conn = Connection(url, transport_options={**SLOW_TIMERS, **options})
+        self.queue = WORK
+        self.got = []
+        self.ack = ack
+        self.conn.connect()
+        self.consumer = Consumer(self.conn, [self.queue], callbacks=[self.on_message],
+                                 prefetch_count=prefetch_count)
+        self.consumer.consume()
+        self.hub = Hub()
+        self.conn.register_with_event_loop(self.hub)
+
+    def on_message(self, body, message):
+        self.got.append((body, message))
+        if self.ack:
+            message.ack()
+
+    def run_until(self, predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f'timed out after {timeout}s waiting for {what}'
+            self.hub.run_once()
+
+    def run_for(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.hub.run_once()
+
+    def close(self):
+        self.hub.close()
+        self.conn.release()
+
+
+@pytest.fixture
+def hub_consumer(db_url):
+    made = []
+
+    def make(**kwargs):
+        made.append(HubConsumer(db_url, **kwargs))
+        return made[-1]
+    yield make
+    for consumer in made:
+        consumer.close()
+
+
+def publish_from_another_process(url, *bodies):
+    code = ('import sys, kombu_sqlite\n'
+            'from kombu import Connection\n'
+            'with Connection(sys.argv[1]) as conn:\n'
+            '    producer = conn.Producer()\n'
+            '    for body in sys.argv[2:]:\n'
+            '        producer.publish(body, exchange="work", routing_key="work")\n')
+    subprocess.run([sys.executable, '-c', code, url, *bodies], check=True, timeout=60)
+
+
+def bodies(consumer):
+    return [body for body, _ in consumer.got]
+
+
+def test_hub_delivers_on_another_process_commit_and_sleeps_while_idle(db_url, hub_consumer):
+    consumer = hub_consumer()
+    cpu = time.process_time()
+    consumer.run_for(2)
+    idle_cpu = time.process_time() - cpu
+    assert idle_cpu < 0.3, f'an idle hub used {idle_cpu:.2f} s of CPU in 2 s'
+    publish_from_another_process(db_url, 'one', 'two')
+    consumer.run_until(lambda: len(consumer.got) == 2, 10, 'the two messages')
+    assert bodies(consumer) == ['one', 'two']
+
+
+def test_hub_claims_again_when_an_ack_frees_the_prefetch_budget(db_url, hub_consumer):
+    consumer = hub_consumer(prefetch_count=1, ack=False)
+    publish_from_another_process(db_url, 'a', 'b', 'c')
+    consumer.run_until(lambda: consumer.got, 10, 'the first message')
+    consumer.run_for(0.5)
+    assert bodies(consumer) == ['a'], 'delivered past the prefetch budget'
+    consumer.got[0][1].ack()  # writes nothing yet: no descriptor becomes readable
+    consumer.run_until(lambda: len(consumer.got) == 2, 10, 'the next message after the ack')
+    assert bodies(consumer) == ['a', 'b']
+
+
+def test_hub_drains_a_backlog_longer_than_one_callback(db_url, hub_consumer):
+    # One message per claim and no polling timer: only the hub's own wake-up
+    # brings the batches after the first callback's rounds.
+    with Connection(db_url) as conn:
+        WORK(conn.default_channel).declare()
+    publish_from_another_process(db_url, *[str(i) for i in range(40)])
+    consumer = hub_consumer(max_claim=1, wakeup='poll', poll_interval=30)
+    consumer.run_until(lambda: len(consumer.got) == 40, 10, 'the backlog')
+    assert bodies(consumer) == [str(i) for i in range(40)]
 
 TASK_SECONDS = 4
 
