@@ -91,6 +91,13 @@ An idle consumer blocks on an inotify watch of the ``-wal`` file (Linux) and
 wakes within a millisecond of another process's commit, using no CPU while
 idle; elsewhere it polls ``PRAGMA data_version`` every ``poll_interval``.
 
+Event loop
+----------
+``implements.asynchronous`` is set: a Celery worker consumes from kombu's hub
+(as on Redis), with the inotify descriptor registered as readable, so a worker
+whose pool is busy still answers ``celery inspect``, ``control`` and revokes
+with Celery's default settings (see :mod:`kombu_sqlite.eventloop`).
+
 Connection string
 =================
 
@@ -126,11 +133,12 @@ Transport options
 * ``max_claim``: most messages claimed in one transaction when the prefetch
   count is unlimited (default ``100``).
 * ``polling_interval``: longest sleep of an idle consumer between checks when
-  no wake-up arrives (default ``0.5``).
+  no wake-up arrives; in an event loop, the period of its safety timer
+  (default ``0.5``).
 * ``wakeup``: ``'auto'`` (inotify where available, else polling),
   ``'inotify'`` or ``'poll'`` (default ``'auto'``).
 * ``poll_interval``: how often ``'poll'`` wake-up reads ``PRAGMA
-  data_version`` (default ``0.002``).
+  data_version``, in ``drain_events`` and in an event loop (default ``0.002``).
 * ``prefetch_wait``: seconds ``drain_events`` waits for an ack while the
   prefetch budget is used up before it returns (``socket.timeout``) to its
   caller, which may hold the acks (Celery before 5.7 applies them between
