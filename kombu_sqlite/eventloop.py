@@ -45,8 +45,8 @@ class HubConsumer:
         self.poll_interval = poll_interval
         self.pid = os.getpid()
         self._loop = None
-        self._timers = []
-        self._watched_fd = None
+        self._safety_timer = self._poll_timer = None
+        self._watched_fd = self._watches = None
         self._kick_r = self._kick_w = None
         self._starved = False
 
@@ -60,39 +60,40 @@ class HubConsumer:
         loop.add_reader(self._kick_r, self.on_readable)
         self._watch()
         loop.on_tick.add(self.on_tick)
-        self._timers.append(loop.call_repeatedly(self.polling_interval, self.on_readable))
-        if self._watched_fd is None:
-            self._timers.append(loop.call_repeatedly(self.poll_interval, self.on_poll))
+        self._safety_timer = loop.call_repeatedly(self.polling_interval, self.on_readable)
         self.kick()  # deliver what waited before we were registered
 
     def unregister(self) -> None:
         loop, self._loop = self._loop, None
         if loop is None:
             return
-        for tref in self._timers:
-            tref.cancel()
-        self._timers = []
+        for tref in (self._safety_timer, self._poll_timer):
+            if tref is not None:
+                tref.cancel()
+        self._safety_timer = self._poll_timer = None
         loop.on_tick.discard(self.on_tick)
         for fd in (self._watched_fd, self._kick_r):
             if fd is not None:
                 loop.remove(fd)
-        self._watched_fd = None
+        self._watched_fd = self._watches = None
         if os.getpid() == self.pid:
             os.close(self._kick_r)
             os.close(self._kick_w)
         self._kick_r = self._kick_w = None
 
     def _watch(self) -> None:
-        """Keep the hub watching the waiter's descriptor (it changes when the
-        WAL file is replaced)."""
+        """Keep the hub watching the waiter's descriptor, which changes when
+        the WAL file is replaced; poll when there is none."""
         fd = self.waiter.fileno()
-        if fd == self._watched_fd:
-            return
-        if self._watched_fd is not None:
-            self._loop.remove(self._watched_fd)
-        if fd is not None:
-            self._loop.add_reader(fd, self.on_readable)
-        self._watched_fd = fd
+        # A new watch may reuse the old descriptor's number: compare both.
+        if (fd, self.waiter.watches) != (self._watched_fd, self._watches):
+            if self._watched_fd is not None:
+                self._loop.remove(self._watched_fd)
+            if fd is not None:
+                self._loop.add_reader(fd, self.on_readable)
+            self._watched_fd, self._watches = fd, self.waiter.watches
+        if fd is None and self._poll_timer is None:
+            self._poll_timer = self._loop.call_repeatedly(self.poll_interval, self.on_poll)
 
     def kick(self) -> None:
         """Make the hub call ``on_readable`` on its next turn."""

@@ -34,6 +34,7 @@ class Waiter:
         self.pid = os.getpid()
         self._inotify = None
         self._version = None
+        self.watches = 0  # counts inotify watches made: a new one has a new descriptor
         if mode != 'poll' and INotify is not None:
             try:
                 self._watch()
@@ -58,15 +59,14 @@ class Waiter:
             inotify.close()
             raise
         self._inotify = inotify
+        self.watches += 1
 
     def fileno(self) -> int | None:
         """A descriptor that is readable after a commit, or None when polling."""
         return self._inotify.fileno() if self._inotify is not None else None
 
     def changed(self) -> bool:
-        """Without waiting: has a commit been seen since ``arm``?"""
-        if self._inotify is not None:
-            return bool(select.select([self._inotify.fileno()], [], [], 0)[0])
+        """When polling, without waiting: has a commit been seen since ``arm``?"""
         return self._data_version() != self._version
 
     def arm(self) -> None:
