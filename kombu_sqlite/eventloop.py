@@ -38,11 +38,10 @@ class HubConsumer:
     #: its other callbacks; the pipe brings it back for the rest.
     max_rounds = 10
 
-    def __init__(self, transport, waiter, polling_interval: float, poll_interval: float):
+    def __init__(self, transport, waiter, polling_interval: float):
         self.transport = transport
         self.waiter = waiter
         self.polling_interval = polling_interval
-        self.poll_interval = poll_interval
         self.pid = os.getpid()
         self._loop = None
         self._safety_timer = self._poll_timer = None
@@ -93,7 +92,8 @@ class HubConsumer:
                 self._loop.add_reader(fd, self.on_readable)
             self._watched_fd, self._watches = fd, self.waiter.watches
         if fd is None and self._poll_timer is None:
-            self._poll_timer = self._loop.call_repeatedly(self.poll_interval, self.on_poll)
+            self._poll_timer = self._loop.call_repeatedly(self.waiter.poll_interval,
+                                                          self.on_poll)
 
     def kick(self) -> None:
         """Make the hub call ``on_readable`` on its next turn."""

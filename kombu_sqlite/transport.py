@@ -535,8 +535,6 @@ class Transport(virtual.Transport):
         self.housekeeping_interval = _option(options, 'housekeeping_interval', 1.0)
         self.prefetch_wait = _option(options, 'prefetch_wait', 0.005)
         self.native_delayed_delivery = bool(options.get('native_delayed_delivery', True))
-        self.wakeup = options.get('wakeup', 'auto')
-        self.poll_interval = _option(options, 'poll_interval', 0.002)
         self.exchange_types = {}
         self._store = None
         self._waiter = None
@@ -601,14 +599,15 @@ class Transport(virtual.Transport):
 
     def _get_waiter(self) -> Waiter:
         if self._waiter is None or self._waiter.pid != os.getpid():
-            self._waiter = Waiter(self.store, self.wakeup, self.poll_interval)
+            options = self.client.transport_options
+            self._waiter = Waiter(self.store, options.get('wakeup', 'auto'),
+                                  _option(options, 'poll_interval', 0.002))
         return self._waiter
 
     def register_with_event_loop(self, connection, loop):
         """Consume from kombu's hub (Celery's worker loop) instead of ``drain_events``."""
         if self._hub_consumer is None or self._hub_consumer.pid != os.getpid():
-            self._hub_consumer = HubConsumer(self, self._get_waiter(),
-                                             self.polling_interval, self.poll_interval)
+            self._hub_consumer = HubConsumer(self, self._get_waiter(), self.polling_interval)
         self._hub_consumer.register(loop)
 
     def deliver_batch(self):
