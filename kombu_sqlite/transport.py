@@ -91,7 +91,9 @@ A Celery worker consumes from kombu's event loop, the hub (the transport sets
 ``implements.asynchronous``, as Redis does), with the wake-up descriptor
 registered as readable: a worker whose pool is busy still answers ``celery
 inspect``, ``control`` and revokes with Celery's default settings (see
-:mod:`kombu_sqlite.eventloop`).  An idle consumer blocks on an inotify watch of the ``-wal`` file (Linux) and
+:mod:`kombu_sqlite.eventloop`).
+
+An idle consumer blocks on an inotify watch of the ``-wal`` file (Linux) and
 wakes within a millisecond of another process's commit, using no CPU while
 idle; elsewhere it polls ``PRAGMA data_version`` every ``poll_interval``.
 
