@@ -134,7 +134,7 @@ TASK_SECONDS = 4
 class Worker:
     """One `celery worker` on eventloop_app and a client app talking to it."""
 
-    def __init__(self, procs, tmp_path, broker, pool):
+    def __init__(self, procs, tmp_path, monkeypatch, broker, pool):
         self.procs = procs
         self.marks = tmp_path / 'marks'
         self.marks.mkdir()
@@ -144,7 +144,8 @@ class Worker:
                     'PYTHONPATH': HERE + os.pathsep + os.environ.get('PYTHONPATH', '')}
         self.pool = pool
         self.node = f'busy-{pool}@{socket.gethostname()}'
-        os.environ.update(self.env)
+        for key in ('TEST_BROKER_URL', 'TEST_MARK_DIR', 'TEST_TRANSPORT_OPTIONS'):
+            monkeypatch.setenv(key, self.env[key])  # read by the app imported here
         sys.modules.pop('eventloop_app', None)  # a fresh app on this broker
         import eventloop_app
         self.app = eventloop_app.app
@@ -180,8 +181,6 @@ class Worker:
 
     def close(self):
         self.app.close()
-        for key in self.env:
-            os.environ.pop(key, None)
 
 
 @pytest.fixture(params=['sqlite', 'sqlite-poll', 'redis'])
@@ -194,11 +193,11 @@ def broker(request, procs, tmp_path):
 
 
 @pytest.fixture
-def worker_on(procs, tmp_path):
+def worker_on(procs, tmp_path, monkeypatch):
     workers = []
 
     def make(broker, pool):
-        worker = Worker(procs, tmp_path, broker, pool)
+        worker = Worker(procs, tmp_path, monkeypatch, broker, pool)
         workers.append(worker)
         worker.start()
         return worker
