@@ -609,14 +609,21 @@ class Transport(virtual.Transport):
             self._hub_consumer = HubConsumer(self, self._get_waiter(), self.polling_interval)
         self._hub_consumer.register(loop)
 
-    def deliver_batch(self):
-        """Claim and deliver one batch from the next channel and queue with
-        work and budget; raise ``queue.Empty`` when there is none."""
-        self.cycle.get(self._deliver)
+    def deliver_batch(self, channel=None):
+        """Claim and deliver one batch from the next queue with work and
+        budget, of ``channel`` or of any channel; raise ``queue.Empty`` when
+        there is none."""
+        if channel is None:
+            self.cycle.get(self._deliver)
+        else:
+            channel.drain_events(callback=self._deliver)
+
+    def consuming_channels(self) -> list:
+        return [c for c in self.channels if c._consumers]
 
     def prefetch_spent(self) -> bool:
         """Does a consuming channel wait for acks before it may claim more?"""
-        return any(c._consumers and not c.qos.can_consume() for c in self.channels)
+        return any(not c.qos.can_consume() for c in self.consuming_channels())
 
     def drain_events(self, connection, timeout=None):
         """Deliver one batch, sleeping on the wake-up signal while idle."""

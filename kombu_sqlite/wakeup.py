@@ -7,8 +7,9 @@ waiter polls ``PRAGMA data_version``, which changes when another connection
 commits, every ``poll_interval`` seconds.
 
 The same waiter serves kombu's event loop (see :mod:`kombu_sqlite.eventloop`):
-``fileno()`` is the descriptor to register as readable, ``changed()`` the
-check a timer runs when there is none.
+``fileno()`` is the descriptor to register as readable, ``take_change()``
+says whether another connection committed (a timer calls it when there is no
+descriptor).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class Waiter:
         self.pid = os.getpid()
         self._inotify = None
         self._version = None
+        self._own_writes = None
         self.watches = 0  # counts inotify watches made: a new one has a new descriptor
         if mode != 'poll' and INotify is not None:
             try:
@@ -65,9 +67,29 @@ class Waiter:
         """A descriptor that is readable after a commit, or None when polling."""
         return self._inotify.fileno() if self._inotify is not None else None
 
-    def changed(self) -> bool:
-        """When polling, without waiting: has a commit been seen since ``arm``?"""
-        return self._data_version() != self._version
+    def take_change(self) -> bool:
+        """For an event loop, without waiting: has the file changed since the
+        last call?  Clears the descriptor; call before looking for work.
+
+        This connection's writes until ``mark_own_writes`` (the claims and
+        acks of a delivery round) stir the descriptor too, but do not count:
+        ``PRAGMA data_version`` moves only for other connections' commits.
+        """
+        if self._inotify is not None:
+            self._drain()
+        conn = self.store.conn
+        version = conn.execute('PRAGMA data_version').fetchone()[0]
+        changed = version != self._version or conn.total_changes != self._own_writes
+        self._version = version
+        return changed
+
+    def own_writes_seen(self) -> bool:
+        """Has this connection written nothing since ``mark_own_writes``?"""
+        return self.store.conn.total_changes == self._own_writes
+
+    def mark_own_writes(self) -> None:
+        """After looking for work: this connection's writes so far were seen."""
+        self._own_writes = self.store.conn.total_changes
 
     def arm(self) -> None:
         """Call before looking for work: later commits will end ``wait``."""
