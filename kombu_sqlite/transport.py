@@ -91,6 +91,12 @@ the claim stays one indexed walk.
 
 Wake-up
 -------
+A Celery worker consumes from kombu's event loop, the hub (the transport sets
+``implements.asynchronous``, as Redis does), with the wake-up descriptor
+registered as readable: a worker whose pool is busy still answers ``celery
+inspect``, ``control`` and revokes with Celery's default settings (see
+:mod:`kombu_sqlite.eventloop`).
+
 An idle consumer blocks on an inotify watch of the ``-wal`` file (Linux) and
 wakes within a millisecond of another process's commit, using no CPU while
 idle; elsewhere it polls ``PRAGMA data_version`` every ``poll_interval``.
@@ -140,11 +146,12 @@ Transport options
 * ``max_claim``: most messages claimed in one transaction when the prefetch
   count is unlimited (default ``100``).
 * ``polling_interval``: longest sleep of an idle consumer between checks when
-  no wake-up arrives (default ``0.5``).
+  no wake-up arrives; in an event loop, the period of its safety timer
+  (default ``0.5``).
 * ``wakeup``: ``'auto'`` (inotify where available, else polling),
   ``'inotify'`` or ``'poll'`` (default ``'auto'``).
 * ``poll_interval``: how often ``'poll'`` wake-up reads ``PRAGMA
-  data_version`` (default ``0.002``).
+  data_version``, in ``drain_events`` and in an event loop (default ``0.002``).
 * ``prefetch_wait``: seconds ``drain_events`` waits for an ack while the
   prefetch budget is used up before it returns (``socket.timeout``) to its
   caller, which may hold the acks (Celery before 5.7 applies them between
@@ -192,6 +199,7 @@ from kombu.utils.scheduling import FairCycle
 
 from . import schema
 from .errors import DatabaseUnavailable
+from .eventloop import HubConsumer
 from .housekeeper import Housekeeper
 from .options import Options
 from .store import ROUTING_RULES, Store
@@ -635,6 +643,7 @@ class Transport(virtual.Transport):
     polling_interval = 0.5
 
     implements = virtual.Transport.implements.extend(
+        asynchronous=True,  # Celery's worker consumes from its hub: see eventloop.py
         exchange_type=frozenset(['direct', 'topic', 'fanout']),
     )
 
@@ -652,6 +661,7 @@ class Transport(virtual.Transport):
         self.exchange_types = {}
         self._store = None
         self._waiter = None
+        self._hub_consumer = None
         self._owner = None
         self._housekeeper = None
 
@@ -686,6 +696,9 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection):
+        if self._hub_consumer is not None:
+            self._hub_consumer.unregister()
+            self._hub_consumer = None
         if self._housekeeper is not None and self._housekeeper.pid == os.getpid():
             self._housekeeper.stop(timeout=self.options.busy_timeout + 5)
             self._housekeeper = None
@@ -709,6 +722,28 @@ class Transport(virtual.Transport):
             self._waiter = Waiter(self.store, self.options.wakeup, self.options.poll_interval)
         return self._waiter
 
+    def register_with_event_loop(self, connection, loop):
+        """Consume from kombu's hub (Celery's worker loop) instead of ``drain_events``."""
+        if self._hub_consumer is None or self._hub_consumer.pid != os.getpid():
+            self._hub_consumer = HubConsumer(self, self._get_waiter(), self.polling_interval)
+        self._hub_consumer.register(loop)
+
+    def deliver_batch(self, channel=None):
+        """Claim and deliver one batch from the next queue with work and
+        budget, of ``channel`` or of any channel; raise ``queue.Empty`` when
+        there is none."""
+        if channel is None:
+            self.cycle.get(self._deliver)
+        else:
+            channel.drain_events(callback=self._deliver)
+
+    def consuming_channels(self) -> list:
+        return [c for c in self.channels if c._consumers]
+
+    def prefetch_spent(self) -> bool:
+        """Does a consuming channel wait for acks before it may claim more?"""
+        return any(not c.qos.can_consume() for c in self.consuming_channels())
+
     def drain_events(self, connection, timeout=None):
         """Deliver one batch, sleeping on the wake-up signal while idle."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -717,7 +752,7 @@ class Transport(virtual.Transport):
         while True:
             waiter.arm()
             try:
-                self.cycle.get(self._deliver, timeout=timeout)
+                self.deliver_batch()
                 return
             except Empty:
                 pass
@@ -726,7 +761,7 @@ class Transport(virtual.Transport):
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise socket.timeout()
-            if any(c._consumers and not c.qos.can_consume() for c in self.channels):
+            if self.prefetch_spent():
                 # Prefetch budget used up.  Acks from other threads free it
                 # within a millisecond; but Celery before 5.7 applies acks
                 # between drain_events calls, so give control back soon.

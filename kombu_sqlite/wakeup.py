@@ -5,6 +5,11 @@ Linux an inotify watch on that file wakes the consumer within a millisecond
 and costs nothing while idle.  Elsewhere (or if inotify is unavailable) the
 waiter polls ``PRAGMA data_version``, which changes when another connection
 commits, every ``poll_interval`` seconds.
+
+The same waiter serves kombu's event loop (see :mod:`kombu_sqlite.eventloop`):
+``fileno()`` is the descriptor to register as readable, ``take_change()``
+says whether another connection committed (a timer calls it when there is no
+descriptor).
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ class Waiter:
         self.pid = os.getpid()
         self._inotify = None
         self._version = None
+        self._own_writes = None
+        self.watches = 0  # counts inotify watches made: a new one has a new descriptor
         if mode != 'poll' and INotify is not None:
             try:
                 self._watch()
@@ -54,6 +61,35 @@ class Waiter:
             inotify.close()
             raise
         self._inotify = inotify
+        self.watches += 1
+
+    def fileno(self) -> int | None:
+        """A descriptor that is readable after a commit, or None when polling."""
+        return self._inotify.fileno() if self._inotify is not None else None
+
+    def take_change(self) -> bool:
+        """For an event loop, without waiting: has the file changed since the
+        last call?  Clears the descriptor; call before looking for work.
+
+        This connection's writes until ``mark_own_writes`` (the claims and
+        acks of a delivery round) stir the descriptor too, but do not count:
+        ``PRAGMA data_version`` moves only for other connections' commits.
+        """
+        if self._inotify is not None:
+            self._drain()
+        conn = self.store.conn
+        version = conn.execute('PRAGMA data_version').fetchone()[0]
+        changed = version != self._version or conn.total_changes != self._own_writes
+        self._version = version
+        return changed
+
+    def own_writes_seen(self) -> bool:
+        """Has this connection written nothing since ``mark_own_writes``?"""
+        return self.store.conn.total_changes == self._own_writes
+
+    def mark_own_writes(self) -> None:
+        """After looking for work: this connection's writes so far were seen."""
+        self._own_writes = self.store.conn.total_changes
 
     def arm(self) -> None:
         """Call before looking for work: later commits will end ``wait``."""
