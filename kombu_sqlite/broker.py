@@ -40,8 +40,11 @@ class Broker:
         self.url = url
         self.store = Store.open(path, Options.from_transport_options(options),
                                 read_only=read_only)
-        self.db = self.store.db
-        self.catalog = self.store.catalog
+
+    @property
+    def path(self) -> str:
+        """The queue database file."""
+        return self.store.path
 
     def close(self) -> None:
         self.store.close()
@@ -60,7 +63,7 @@ class Broker:
 
     def require_queue(self, queue: str) -> None:
         if queue not in self.queues():
-            raise KeyError(f'no queue named {queue!r} in {self.store.path}')
+            raise KeyError(f'no queue named {queue!r} in {self.path}')
 
     def stats(self) -> dict[str, dict]:
         """Per queue: ready by priority, delayed, leased (by owner), dead,
@@ -132,6 +135,12 @@ class Broker:
         touched), or it is not there.
         """
         return self.store.remove(queue, task_id) > 0
+
+    def sweep(self) -> dict:
+        """What workers do every second: expired leases and due messages back
+        to ready, expired messages and queues dropped.  Returns the counts
+        (leases_expired, messages_expired, queues_expired)."""
+        return self.store.sweep()
 
     # -- dead letters ------------------------------------------------------------------
 

@@ -47,8 +47,8 @@ _HELD_BACK = ('a reader in another process holds an old snapshot (a long read '
 
 def maintain(broker: Broker) -> dict:
     """One maintenance pass: sweep, vacuum, checkpoint, check, optimize."""
-    path = broker.store.path
-    done = {'sweep': broker.store.sweep()}
+    path = broker.path
+    done = {'sweep': broker.sweep()}
     with closing(_connect(path, STEP_TIMEOUT)) as conn:
         done['incremental_vacuum'] = _incremental_vacuum(conn)
         done['checkpoint'] = _checkpoint(conn)
@@ -136,7 +136,7 @@ def backup(broker: Broker, dest: str) -> dict:
     the old file or a complete new one.  The partial file is locked while it is
     written; the next backup removes partial files whose writer died.
     """
-    source = broker.store.path
+    source = broker.path
     if os.path.isdir(dest):
         dest = os.path.join(dest, os.path.basename(source))
     if os.path.realpath(dest) == os.path.realpath(source):

@@ -1,7 +1,16 @@
-"""Broker.remove: a waiting Celery task taken out of its queue while a real
-worker runs, and the leased one left alone."""
+"""The public Broker API other code builds on, against real processes:
+remove (cancel a waiting task), path and sweep (maintenance)."""
+import os
+import signal
+import sys
+import time
+
+from kombu import Connection, Queue
+
 import kombu_sqlite
 from conftest import wait_for
+
+HERE = os.path.dirname(__file__)
 
 
 def test_remove_deletes_waiting_tasks_never_a_leased_one(celery_env):
@@ -33,3 +42,20 @@ def test_remove_deletes_waiting_tasks_never_a_leased_one(celery_env):
     assert running.get(timeout=60) == 6
     assert [line.split()[0] for line in celery_env.marks_of('running')] == ['start', 'done']
     assert celery_env.marks_of('cancelled') == [] and celery_env.marks_of('held') == []
+
+
+def test_path_and_sweep_give_back_the_lease_of_a_killed_consumer(db_url, procs, tmp_path):
+    with Connection(db_url) as conn:
+        conn.Producer().publish({'n': 1}, routing_key='work', declare=[Queue('work')])
+    consumer = procs.start([sys.executable, os.path.join(HERE, 'kombu_client.py'), db_url,
+                            'consume', 'work', 'work', 'direct', 'work', '--hold', '60',
+                            '--never-ack', '--visibility-timeout', '1',
+                            '--quiet-housekeeper'], name='consumer')
+    wait_for(lambda: '"n": 1' in procs.log(consumer), 60, what='the message to be taken')
+    procs.kill(consumer, signal.SIGKILL)
+    with kombu_sqlite.Broker(db_url, create=False) as broker:
+        assert broker.path == str(tmp_path / 'queue.db')
+        assert broker.stats()['work']['leased'] == 1
+        time.sleep(1.5)                                  # past the 1 s lease
+        assert broker.sweep()['leases_expired'] == 1
+        assert broker.stats()['work']['ready'] == 1
