@@ -25,6 +25,7 @@ import sqlite3
 import time
 from contextlib import closing
 
+from . import schema
 from .broker import Broker
 from .db import is_busy
 from .errors import DatabaseError
@@ -152,7 +153,7 @@ def backup(broker: Broker, dest: str) -> dict:
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with closing(_connect(source, 5.0)) as conn:
+        with closing(schema.connect_read_only(source, 5.0)) as conn:  # a read
             try:
                 conn.execute('VACUUM INTO ?', (partial,))
             except sqlite3.OperationalError as exc:

@@ -23,6 +23,9 @@ COUNTERS = {
     'rejected_publish': ('kombu_sqlite_rejected_publish', 'Publishes refused because the queue was full.'),
     'dropped': ('kombu_sqlite_dropped', 'Messages dropped by x-overflow=drop-head.'),
     'delayed_due': ('kombu_sqlite_delayed_due', 'Delayed messages that became deliverable.'),
+    'late_settles': ('kombu_sqlite_late_settles',
+                     'Acks, rejects or requeues after the lease ran out (changed nothing).'),
+    'removed': ('kombu_sqlite_removed', 'Waiting messages taken out by Broker.remove (cancelled).'),
 }
 
 
