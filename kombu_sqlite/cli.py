@@ -287,9 +287,9 @@ def metrics(url, port, address):
     from prometheus_client.core import REGISTRY
 
     from .metrics import QueueCollector
-    broker = open_broker(url, read_only=True)
-    broker.stats()  # fail now, not at the first scrape
-    REGISTRY.register(QueueCollector(broker))
+    with open_broker(url, read_only=True) as broker:
+        broker.stats()  # fail now, not at the first scrape
+    REGISTRY.register(QueueCollector(lambda: open_broker(url, read_only=True)))
     start_http_server(port, addr=address)
     click.echo(f'serving metrics for {printable(url)} on http://{address}:{port}/metrics',
                err=True)

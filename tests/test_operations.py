@@ -140,6 +140,19 @@ def test_metrics_exporter_serves_queue_state_and_counters(db_url, procs):
     assert exporter.poll() is None
 
 
+def test_exporter_keeps_no_connection_per_scrape(db_url, procs):
+    publish_work(db_url, 2)
+    exporter, scrape = start_exporter(procs, db_url)
+
+    def open_files():
+        return len(os.listdir(f'/proc/{exporter.pid}/fd'))
+    scrape()
+    before = open_files()
+    for _ in range(40):          # each scrape is served on a new thread
+        assert 'kombu_sqlite_ready{priority="0",queue="work"} 1.0' in scrape()
+    assert open_files() <= before + 2, 'a file descriptor leaked per scrape'
+
+
 def test_file_of_the_first_schema_is_migrated_in_place(tmp_path):
     path = tmp_path / 'v1.db'
     db = sqlite3.connect(path)
