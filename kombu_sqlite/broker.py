@@ -16,7 +16,8 @@ from .options import Options
 from .store import BUCKET_SECONDS, Store
 
 _COUNTERS = ('published', 'acked', 'requeued', 'lease_expired', 'delayed_due',
-             'dead_lettered', 'expired', 'rejected_publish', 'dropped', 'late_settles')
+             'dead_lettered', 'expired', 'rejected_publish', 'dropped', 'late_settles',
+             'removed')
 _RECENT = ('published', 'acked')
 
 
@@ -24,8 +25,11 @@ class Broker:
     """Administrative view of one queue database.
 
     ``read_only=True`` opens the file so that nothing can be written (the
-    ``stats`` and ``peek`` commands): a file that is not a kombu-sqlite broker
-    is refused and left exactly as it was.
+    commands that only look): a file that is not a kombu-sqlite broker is
+    refused and left exactly as it was.
+
+    :meth:`remove` takes one waiting Celery task out of its queue (cancel);
+    leased messages are never touched.
     """
 
     def __init__(self, url: str, *, create: bool = True, read_only: bool = False,
@@ -36,8 +40,11 @@ class Broker:
         self.url = url
         self.store = Store.open(path, Options.from_transport_options(options),
                                 read_only=read_only)
-        self.db = self.store.db
-        self.catalog = self.store.catalog
+
+    @property
+    def path(self) -> str:
+        """The queue database file."""
+        return self.store.path
 
     def close(self) -> None:
         self.store.close()
@@ -56,7 +63,7 @@ class Broker:
 
     def require_queue(self, queue: str) -> None:
         if queue not in self.queues():
-            raise KeyError(f'no queue named {queue!r} in {self.store.path}')
+            raise KeyError(f'no queue named {queue!r} in {self.path}')
 
     def stats(self) -> dict[str, dict]:
         """Per queue: ready by priority, delayed, leased (by owner), dead,
@@ -118,6 +125,22 @@ class Broker:
         the expected number.  None if the task is not waiting in the queue.
         """
         return self.store.position(queue, task_id)
+
+    def remove(self, queue: str, task_id: str) -> bool:
+        """Take Celery task ``task_id``'s waiting message out of ``queue``.
+
+        A ready message or one held until its ETA is deleted in one short
+        write transaction and counted as ``removed``; True if one was.  False
+        if none is waiting: a worker holds it (leased messages are never
+        touched), or it is not there.
+        """
+        return self.store.remove(queue, task_id) > 0
+
+    def sweep(self) -> dict:
+        """What workers do every second: expired leases and due messages back
+        to ready, expired messages and queues dropped.  Returns the counts
+        (leases_expired, messages_expired, queues_expired)."""
+        return self.store.sweep()
 
     # -- dead letters ------------------------------------------------------------------
 

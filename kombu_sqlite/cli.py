@@ -179,7 +179,7 @@ def dlq():
 @friendly
 def dlq_list(url, queue, as_json):
     """Dead letters, oldest first, of QUEUE or of every queue."""
-    with open_broker(url) as broker:
+    with open_broker(url, read_only=True) as broker:
         if queue:
             broker.require_queue(queue)
         items = broker.dead_letters(queue)
@@ -269,7 +269,7 @@ def _report_maintenance(done):
 def backup(url, dest):
     """Consistent, verified copy of the database to DEST while workers run."""
     from .maintenance import backup as run
-    with open_broker(url) as broker:
+    with open_broker(url, read_only=True) as broker:
         done = run(broker, dest)
     click.echo(f"backup written to {printable(done['destination'])} "
                f"({done['bytes']} bytes in {done['seconds']} s, "
@@ -287,9 +287,9 @@ def metrics(url, port, address):
     from prometheus_client.core import REGISTRY
 
     from .metrics import QueueCollector
-    broker = open_broker(url)
-    broker.stats()  # fail now, not at the first scrape
-    REGISTRY.register(QueueCollector(broker))
+    with open_broker(url, read_only=True) as broker:
+        broker.stats()  # fail now, not at the first scrape
+    REGISTRY.register(QueueCollector(lambda: open_broker(url, read_only=True)))
     start_http_server(port, addr=address)
     click.echo(f'serving metrics for {printable(url)} on http://{address}:{port}/metrics',
                err=True)

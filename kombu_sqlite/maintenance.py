@@ -25,6 +25,7 @@ import sqlite3
 import time
 from contextlib import closing
 
+from . import schema
 from .broker import Broker
 from .db import is_busy
 from .errors import DatabaseError
@@ -47,8 +48,8 @@ _HELD_BACK = ('a reader in another process holds an old snapshot (a long read '
 
 def maintain(broker: Broker) -> dict:
     """One maintenance pass: sweep, vacuum, checkpoint, check, optimize."""
-    path = broker.store.path
-    done = {'sweep': broker.store.sweep()}
+    path = broker.path
+    done = {'sweep': broker.sweep()}
     with closing(_connect(path, STEP_TIMEOUT)) as conn:
         done['incremental_vacuum'] = _incremental_vacuum(conn)
         done['checkpoint'] = _checkpoint(conn)
@@ -136,7 +137,7 @@ def backup(broker: Broker, dest: str) -> dict:
     the old file or a complete new one.  The partial file is locked while it is
     written; the next backup removes partial files whose writer died.
     """
-    source = broker.store.path
+    source = broker.path
     if os.path.isdir(dest):
         dest = os.path.join(dest, os.path.basename(source))
     if os.path.realpath(dest) == os.path.realpath(source):
@@ -152,7 +153,7 @@ def backup(broker: Broker, dest: str) -> dict:
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with closing(_connect(source, 5.0)) as conn:
+        with closing(schema.connect_read_only(source, 5.0)) as conn:  # a read
             try:
                 conn.execute('VACUUM INTO ?', (partial,))
             except sqlite3.OperationalError as exc:

@@ -7,6 +7,8 @@ characters escaped (:func:`printable`), so no scrape passes terminal sequences o
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .broker import Broker
@@ -23,17 +25,27 @@ COUNTERS = {
     'rejected_publish': ('kombu_sqlite_rejected_publish', 'Publishes refused because the queue was full.'),
     'dropped': ('kombu_sqlite_dropped', 'Messages dropped by x-overflow=drop-head.'),
     'delayed_due': ('kombu_sqlite_delayed_due', 'Delayed messages that became deliverable.'),
+    'late_settles': ('kombu_sqlite_late_settles',
+                     'Acks, rejects or requeues after the lease ran out (changed nothing).'),
+    'removed': ('kombu_sqlite_removed', 'Waiting messages taken out by Broker.remove (cancelled).'),
 }
 
 
 class QueueCollector:
-    """A prometheus_client collector over :meth:`Broker.stats`."""
+    """A prometheus_client collector over :meth:`Broker.stats`.
 
-    def __init__(self, broker: Broker):
-        self.broker = broker
+    ``open_broker()`` gives a Broker for one scrape, closed after it: the
+    HTTP server answers each scrape on a new thread, and a Broker keeps a
+    connection per thread, so one Broker for all scrapes would keep one open
+    file per scrape forever.
+    """
+
+    def __init__(self, open_broker: Callable[[], Broker]):
+        self.open_broker = open_broker
 
     def collect(self):
-        stats = self.broker.stats()
+        with self.open_broker() as broker:
+            stats = broker.stats()
         ready = GaugeMetricFamily('kombu_sqlite_ready', 'Ready messages.',
                                   labels=['queue', 'priority'])
         delayed = GaugeMetricFamily('kombu_sqlite_delayed', 'Messages held until due.',

@@ -186,6 +186,12 @@ DROP_HEAD = """
          ORDER BY priority DESC, id LIMIT 1)
 """
 
+#: A Celery task's message: task_id is the ``id`` header, stored at publish.
+TASK_MESSAGE = 'queue = :queue AND task_id = :task_id'
+
+#: Waiting = ready or held until due (a delayed row has no lease owner).
+REMOVE_WAITING = f'DELETE FROM kombu_message WHERE {TASK_MESSAGE} AND lease_owner IS NULL'
+
 
 class Store:
     """All SQL on messages lives here, one named statement per concern.
@@ -662,8 +668,8 @@ class Store:
         None if it is not waiting."""
         conn = self.db.conn
         row = conn.execute(
-            'SELECT id, rank FROM kombu_message WHERE queue = ? AND task_id = ? '
-            'AND lease_expires_at IS NULL', (queue, task_id)).fetchone()
+            f'SELECT id, rank FROM kombu_message WHERE {TASK_MESSAGE} '
+            f'AND lease_expires_at IS NULL', {'queue': queue, 'task_id': task_id}).fetchone()
         if row is None:
             return None
         message_id, rank = row
@@ -685,6 +691,16 @@ class Store:
         draws = ahead + 1
         return ahead + sum(min(n, draws * weight(p) / weight(rank))
                            for p, n in counts.items() if p != rank)
+
+    @retry_busy
+    def remove(self, queue: str, task_id: str) -> int:
+        """Delete this task's waiting message (ready or held until due), never
+        a leased one; returns how many were deleted."""
+        with self.db.transaction() as conn:
+            n = conn.execute(REMOVE_WAITING, {'queue': queue, 'task_id': task_id}).rowcount
+            if n:
+                conn.execute(BUMP_COUNTER, (queue, 'removed', n))
+        return n
 
     # -- dead letters ------------------------------------------------------------------
 

@@ -140,6 +140,19 @@ def test_metrics_exporter_serves_queue_state_and_counters(db_url, procs):
     assert exporter.poll() is None
 
 
+def test_exporter_keeps_no_connection_per_scrape(db_url, procs):
+    publish_work(db_url, 2)
+    exporter, scrape = start_exporter(procs, db_url)
+
+    def open_files():
+        return len(os.listdir(f'/proc/{exporter.pid}/fd'))
+    scrape()
+    before = open_files()
+    for _ in range(40):          # each scrape is served on a new thread
+        assert 'kombu_sqlite_ready{priority="0",queue="work"} 1.0' in scrape()
+    assert open_files() <= before + 2, 'a file descriptor leaked per scrape'
+
+
 def test_file_of_the_first_schema_is_migrated_in_place(tmp_path):
     path = tmp_path / 'v1.db'
     db = sqlite3.connect(path)
@@ -239,3 +252,48 @@ def test_locked_within_the_busy_timeout_is_waited_through_without_loss_or_double
         assert time.monotonic() - started > 1               # it did wait, then succeeded
         assert conn.default_channel.queue_declare('q', passive=True).message_count == 1
         assert conn.default_channel.basic_get('q').payload == 'through the lock'
+
+
+def _files(directory):
+    """What any write would change: each file's bytes, mode and times, and the
+    directory's own mtime (a -wal or -shm created and deleted again moves it)."""
+    state = {'.': os.stat(directory).st_mtime_ns}
+    for name in sorted(os.listdir(directory)):
+        st = os.stat(directory / name)
+        state[name] = ((directory / name).read_bytes(), st.st_mode, st.st_mtime_ns,
+                       st.st_ctime_ns)
+    return state
+
+
+def test_commands_that_only_look_never_write(tmp_path, procs):
+    data = tmp_path / 'data'
+    data.mkdir()
+    url = f'sqlite:///{data}/queue.db'
+    publish_work(url, 4)            # claim order: task-0, task-3, task-1, task-2
+    stalled = {'visibility_timeout': 0.5, 'lease_renew_interval': 3600,
+               'housekeeping_interval': 3600}
+    with Connection(url, transport_options=stalled) as conn:
+        channel = conn.default_channel
+        channel.basic_get('work').reject()                  # task-0: a dead letter
+        late = channel.basic_get('work')                    # task-3
+        time.sleep(1)
+        with kombu_sqlite.Broker(url) as broker:
+            broker.sweep()                                  # its lease ran out
+            assert broker.remove('work', 'task-1')
+        late.ack()                                          # too late: counted
+    os.chmod(data / 'queue.db', 0o444)  # root writes anyway: the bytes and times tell
+    before = _files(data)
+    assert list(before) == ['.', 'queue.db']                # no -wal, no -shm
+
+    assert len(json.loads(cli('dlq', 'list', url, '--json').stdout)) == 1
+    assert json.loads(cli('stats', url, '--json').stdout)['work']['ready'] == 2
+    assert len(json.loads(cli('peek', url, 'work', '--json').stdout)) == 2
+    assert 'backup written' in cli('backup', url, str(tmp_path / 'copy.db')).stdout
+    exporter, scrape = start_exporter(procs, url)
+    text = scrape()
+    assert 'kombu_sqlite_removed_total{queue="work"} 1.0' in text
+    assert 'kombu_sqlite_late_settles_total{queue="work"} 1.0' in text
+    assert 'kombu_sqlite_dead{queue="work"} 1.0' in text
+    assert sorted(os.listdir(data)) == ['queue.db']         # while it serves
+    procs.stop(exporter)
+    assert _files(data) == before
