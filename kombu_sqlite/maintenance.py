@@ -153,14 +153,16 @@ def backup(broker: Broker, dest: str) -> dict:
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with closing(schema.connect_read_only(source, 5.0)) as conn:  # a read
-            try:
-                conn.execute('VACUUM INTO ?', (partial,))
-            except sqlite3.OperationalError as exc:
-                if 'full' not in str(exc):
-                    raise
-                raise DatabaseError(f'no space left for the backup in {directory!r}; '
-                                    f'{dest!r} was left as it was') from exc
+        for _ in range(_COPY_ATTEMPTS):
+            before = _file_state(source)
+            _copy(source, partial, directory, dest)
+            # Without a -wal the source was read as immutable (no locks): if a
+            # writer came and checkpointed meanwhile, the copy may mix pages.
+            if before[-1] or _file_state(source) == before:
+                break
+            os.ftruncate(fd, 0)
+        else:
+            raise DatabaseError(f'{source!r} kept changing under the backup; try again')
         with closing(sqlite3.connect(partial)) as copy:
             check = [r[0] for r in copy.execute('PRAGMA integrity_check')]
         if check != ['ok']:
@@ -177,6 +179,26 @@ def backup(broker: Broker, dest: str) -> dict:
         os.close(fd)
     return {'destination': dest, 'bytes': os.path.getsize(dest),
             'seconds': round(time.monotonic() - started, 3), 'integrity_check': 'ok'}
+
+
+_COPY_ATTEMPTS = 3
+
+
+def _copy(source: str, partial: str, directory: str, dest: str) -> None:
+    with closing(schema.connect_read_only(source, 5.0)) as conn:  # a read
+        try:
+            conn.execute('VACUUM INTO ?', (partial,))
+        except sqlite3.OperationalError as exc:
+            if 'full' not in str(exc):
+                raise
+            raise DatabaseError(f'no space left for the backup in {directory!r}; '
+                                f'{dest!r} was left as it was') from exc
+
+
+def _file_state(path: str) -> tuple:
+    """What changes when anyone writes the file: identity, size, mtime, and a -wal."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, os.path.exists(path + '-wal')
 
 
 def _remove_abandoned(directory: str, prefix: str) -> None:
