@@ -2,6 +2,7 @@
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -117,7 +118,7 @@ def test_workers_command_starts_one_worker_per_model_and_stops(tasks_env, sig):
     tasks_env.configure()
     import tasks
     from tasks_fixtures import wait_until
-    proc = tasks_env.procs.start(['python', '-m', 'tasks', 'workers', '--no-beat'],
+    proc = tasks_env.procs.start([sys.executable, '-m', 'tasks', 'workers', '--no-beat'],
                                  env=tasks_env.env, name='workers')
     wait_until(lambda: tasks_env.procs.log(proc).count('ready.') == 2, 60, 'two workers')
     log = tasks_env.procs.log(proc)
