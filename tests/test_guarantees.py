@@ -9,7 +9,7 @@ import sys
 import textwrap
 import time
 
-from kombu import Connection, Consumer, Queue
+from kombu import Connection, Queue
 
 from conftest import wait_for
 from kombu_sqlite import Broker
