@@ -161,6 +161,7 @@ def test_rejected_message_is_kept_as_a_dead_letter(db_url, procs):
     with Broker(db_url) as broker:
         [dead] = broker.dead_letters('q')
         assert dead['reason'] == 'rejected' and dead['delivery_count'] == 1
+        assert broker.stats()['q']['counters']['dead_lettered'] == 1   # counted on its queue
         assert broker.requeue_dead('q') == 1       # the operator puts it back
     with Connection(db_url) as conn:
         assert conn.default_channel.basic_get('q').payload == 'bad'
