@@ -144,14 +144,15 @@ def test_consumer_acks_leave_the_file_for_good(db_url, procs):
 
 
 def test_rejected_message_is_kept_as_a_dead_letter(db_url, procs):
-    publish(db_url, ['bad', 'good'])
+    publish(db_url, ['bad', 'good', 'also good'])
     consumer = run_client(procs, db_url, """
         got = []
         def handle(body, message):
             got.append(body)
             message.reject() if body == 'bad' else message.ack()
-        with Consumer(conn, [Queue('q')], prefetch_count=2, callbacks=[handle]):
-            while len(got) < 2:
+        # Prefetch 1: the rejected message must give its place up for good.
+        with Consumer(conn, [Queue('q')], prefetch_count=1, callbacks=[handle]):
+            while len(got) < 3:
                 conn.drain_events(timeout=30)
         conn.release()
         """)
