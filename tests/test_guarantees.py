@@ -74,19 +74,48 @@ def test_message_got_with_no_ack_is_gone_from_the_file(db_url, procs):
 
 
 def test_no_ack_consumer_takes_its_batch_for_good(db_url, procs):
-    publish(db_url, [f'm{i}' for i in range(6)])
+    publish(db_url, [f'm{i}' for i in range(12)])
+    # Two prefetch windows: messages taken without ack hold no place in the window.
     taker = run_client(procs, db_url, """
         got = []
         with Consumer(conn, [Queue('q')], no_ack=True, prefetch_count=6,
                       callbacks=[lambda body, message: got.append(body)]):
-            while len(got) < 6:
+            while len(got) < 12:
                 conn.drain_events(timeout=30)
         print(' '.join(got), flush=True)
         os._exit(0)
         """)
-    assert finished(procs, taker).split() == [f'm{i}' for i in range(6)]
+    assert finished(procs, taker).split() == [f'm{i}' for i in range(12)]
     assert in_file(db_url) == 0
     never_delivered_again(db_url)
+
+
+# -- prefetch ------------------------------------------------------------------------------
+
+def test_consumer_holds_no_more_than_its_prefetch(db_url, procs):
+    publish(db_url, [f'm{i}' for i in range(5)])
+    holder = run_client(procs, db_url, """
+        got = []
+        def hold(body, message):
+            got.append(body)
+            print('got', body, flush=True)
+        with Consumer(conn, [Queue('q')], prefetch_count=2, callbacks=[hold]):
+            while True:
+                try:
+                    conn.drain_events(timeout=1)
+                except TimeoutError:
+                    pass
+        """, name='holder')
+    wait_for(lambda: procs.log(holder).count('got') >= 2, 30, what='two messages held')
+    time.sleep(1)                                  # a third would have arrived by now
+    assert procs.log(holder).count('got') == 2
+    with Broker(db_url) as broker:
+        assert broker.stats()['q']['leased'] == 2
+    with Connection(db_url) as conn:               # the rest is free for others
+        rest = [conn.default_channel.basic_get('q') for _ in range(3)]
+        assert [m.payload for m in rest] == ['m2', 'm3', 'm4']
+        for m in rest:
+            m.ack()
 
 
 # -- ack ----------------------------------------------------------------------------------
@@ -166,6 +195,35 @@ def test_rejected_message_is_kept_as_a_dead_letter(db_url, procs):
         assert broker.requeue_dead('q') == 1       # the operator puts it back
     with Connection(db_url) as conn:
         assert conn.default_channel.basic_get('q').payload == 'bad'
+
+
+def test_message_never_acked_is_dead_lettered_after_max_deliveries(db_url, procs):
+    publish(db_url, ['poison'])
+    taker = """
+        conn = Connection(conn.as_uri(), transport_options={
+            'visibility_timeout': 0.5, 'housekeeping_interval': 0.1, 'max_deliveries': 2})
+        message = conn.default_channel.basic_get('q')
+        print(message and message.payload, flush=True)
+        os._exit(0)                                # dies holding it, every time
+        """
+    # A connection left open here sweeps expired leases, as a live worker's would.
+    with Connection(db_url, transport_options={'housekeeping_interval': 0.1}) as sweeper:
+        sweeper.connect()
+        for delivery in (1, 2):
+            wait_for(lambda: in_ready(db_url) == 1, 10, what=f'delivery {delivery}')
+            assert finished(procs, run_client(procs, db_url, taker)).strip() == 'poison'
+        wait_for(lambda: in_ready(db_url) == 1, 10, what='the lease to run out again')
+        # The third claim finds it over the limit: dead-lettered, not delivered.
+        assert finished(procs, run_client(procs, db_url, taker)).strip() == 'None'
+    assert in_file(db_url) == 0
+    with Broker(db_url) as broker:
+        [dead] = broker.dead_letters('q')
+    assert dead['reason'] == 'max_deliveries' and dead['delivery_count'] == 2
+
+
+def in_ready(url, queue='q'):
+    with Broker(url) as broker:
+        return broker.stats()[queue]['ready']
 
 
 # -- priority inside one claimed batch ---------------------------------------------------------
