@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from kombu import Connection, Queue
 
 from conftest import wait_for
@@ -146,6 +147,17 @@ def test_late_ack_does_not_delete_the_copy_another_consumer_holds(db_url, procs)
         with Broker(db_url) as broker:
             assert broker.stats()['q']['leased'] == 1
         taken.ack()
+    assert in_file(db_url) == 0
+
+
+def test_multiple_ack_is_refused_by_name_and_the_message_kept(db_url):
+    publish(db_url, ['a'])
+    with Connection(db_url) as conn:
+        message = conn.default_channel.basic_get('q')
+        with pytest.raises(NotImplementedError, match='multiple acks are not supported'):
+            message.ack(multiple=True)
+        assert in_file(db_url) == 1
+        message.ack()
     assert in_file(db_url) == 0
 
 
