@@ -91,6 +91,22 @@ def test_no_ack_consumer_takes_its_batch_for_good(db_url, procs):
     never_delivered_again(db_url)
 
 
+def test_delivered_message_says_its_priority_and_whether_it_was_delivered_before(db_url):
+    with Connection(db_url, transport_options={'default_priority': 3}) as conn:
+        for body, priority in (('urgent', 1), ('plain', None)):
+            conn.Producer().publish(body, routing_key='q', declare=[Queue('q')],
+                                    priority=priority)
+        channel = conn.default_channel
+        first, second = channel.basic_get('q'), channel.basic_get('q')
+        assert [m.properties['priority'] for m in (first, second)] == [1, 3]
+        assert first.delivery_info['redelivered'] is False
+        first.requeue()
+        again = channel.basic_get('q')
+        assert again.payload == 'urgent' and again.delivery_info['redelivered'] is True
+        again.ack()
+        second.ack()
+
+
 # -- prefetch ------------------------------------------------------------------------------
 
 def test_consumer_holds_no_more_than_its_prefetch(db_url, procs):
