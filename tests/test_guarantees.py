@@ -107,6 +107,24 @@ def test_delivered_message_says_its_priority_and_whether_it_was_delivered_before
         second.ack()
 
 
+def test_expired_message_is_never_delivered_even_before_a_sweep(db_url):
+    # No housekeeping sweep in this test: the claim itself must drop what expired.
+    with Connection(db_url, transport_options={'housekeeping_interval': 3600}) as conn:
+        producer = conn.Producer()
+        for body, expiration in (('stale', 0.2), ('fresh', 60), ('no expiry', None)):
+            producer.publish(body, routing_key='q', declare=[Queue('q')],
+                             expiration=expiration)
+        time.sleep(0.5)
+        channel = conn.default_channel
+        got = [channel.basic_get('q') for _ in range(3)]
+        assert [m and m.payload for m in got] == ['fresh', 'no expiry', None]
+        for m in got[:2]:
+            m.ack()
+    assert in_file(db_url) == 0
+    with Broker(db_url) as broker:
+        assert broker.stats()['q']['counters']['expired'] == 1
+
+
 # -- prefetch ------------------------------------------------------------------------------
 
 def test_consumer_holds_no_more_than_its_prefetch(db_url, procs):
