@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from kombu import Connection, Queue
+from kombu import Connection, Consumer, Queue
 
 from conftest import wait_for
 from kombu_sqlite import Broker
@@ -193,6 +193,34 @@ def test_multiple_ack_is_refused_by_name_and_the_message_kept(db_url):
         assert in_file(db_url) == 1
         message.ack()
     assert in_file(db_url) == 0
+
+
+def test_message_got_and_rejected_is_a_dead_letter_counted_on_its_queue(db_url):
+    publish(db_url, ['bad'])
+    with Connection(db_url) as conn:
+        conn.default_channel.basic_get('q').reject()
+    with Broker(db_url) as broker:
+        assert [d['reason'] for d in broker.dead_letters('q')] == ['rejected']
+        assert broker.stats()['q']['counters']['dead_lettered'] == 1
+
+
+def test_consuming_again_with_acks_after_no_ack_leases_again(db_url):
+    publish(db_url, ['first', 'second'])
+    with Connection(db_url) as conn:
+        got = []
+        taker = Consumer(conn, [Queue('q')], no_ack=True, prefetch_count=1,
+                         callbacks=[lambda body, message: got.append(body)])
+        taker.consume()
+        conn.drain_events(timeout=10)
+        taker.cancel()
+        acker = Consumer(conn, [Queue('q')], prefetch_count=1,
+                         callbacks=[lambda body, message: got.append(body)])
+        acker.consume()
+        conn.drain_events(timeout=10)
+        assert got == ['first', 'second']
+        with Broker(db_url) as broker:                 # 'second' is leased, not taken
+            assert broker.stats()['q']['leased'] == 1
+        acker.cancel()
 
 
 def test_consumer_acks_leave_the_file_for_good(db_url, procs):
