@@ -107,7 +107,8 @@ def test_delivered_message_says_its_priority_and_whether_it_was_delivered_before
         second.ack()
 
 
-def test_expired_message_is_never_delivered_even_before_a_sweep(db_url):
+@pytest.mark.parametrize('way', ['basic_get', 'consumer batch'])
+def test_expired_message_is_never_delivered_even_before_a_sweep(db_url, way):
     # No housekeeping sweep in this test: the claim itself must drop what expired.
     with Connection(db_url, transport_options={'housekeeping_interval': 3600}) as conn:
         producer = conn.Producer()
@@ -115,11 +116,17 @@ def test_expired_message_is_never_delivered_even_before_a_sweep(db_url):
             producer.publish(body, routing_key='q', declare=[Queue('q')],
                              expiration=expiration)
         time.sleep(0.5)
-        channel = conn.default_channel
-        got = [channel.basic_get('q') for _ in range(3)]
-        assert [m and m.payload for m in got] == ['fresh', 'no expiry', None]
-        for m in got[:2]:
-            m.ack()
+        if way == 'basic_get':
+            got = [conn.default_channel.basic_get('q') for _ in range(3)]
+            assert [m and m.payload for m in got] == ['fresh', 'no expiry', None]
+            for m in got[:2]:
+                m.ack()
+        else:                                      # one claim of three rows, one expired
+            got = []
+            with Consumer(conn, [Queue('q')], prefetch_count=3,
+                          callbacks=[lambda body, message: (got.append(body), message.ack())]):
+                conn.drain_events(timeout=10)
+            assert got == ['fresh', 'no expiry']
     assert in_file(db_url) == 0
     with Broker(db_url) as broker:
         assert broker.stats()['q']['counters']['expired'] == 1
@@ -293,6 +300,8 @@ def test_message_never_acked_is_dead_lettered_after_max_deliveries(db_url, procs
     with Broker(db_url) as broker:
         [dead] = broker.dead_letters('q')
     assert dead['reason'] == 'max_deliveries' and dead['delivery_count'] == 2
+    with Broker(db_url) as broker:
+        assert broker.stats()['q']['counters']['dead_lettered'] == 1
 
 
 def in_ready(url, queue='q'):
