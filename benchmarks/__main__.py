@@ -94,7 +94,7 @@ def run_main(brokers, opts) -> tuple[dict, list[str]]:
               help='Throughput rounds per broker; the median is reported.')
 @click.option('--prefetch', type=int, default=100, show_default=True)
 @click.option('--quick', is_flag=True, help='Both suites with small counts and one round: '
-              'a smoke run of every measurement (under a minute on an idle machine); '
+              'a smoke run of every measurement (about a minute); '
               'results go to results-quick.json.')
 @click.option('--depths', default='1000,100000,1000000', show_default=True,
               help='scale suite: messages queued before measuring claim+ack.')
