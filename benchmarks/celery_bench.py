@@ -1,4 +1,4 @@
-"""Celery end-to-end: a real ``celery worker`` (prefork, 2 processes) runs N tasks."""
+"""Celery end-to-end: a real ``celery worker`` runs N tasks, in each pool of POOLS."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,9 @@ from . import procs
 from .celery_app import QUEUE, make_app
 
 ROOT = Path(__file__).resolve().parent.parent
-POOL, CONCURRENCY = 'prefork', 2
+#: metric name -> (pool, concurrency); each at prefetch multiplier 4.
+POOLS = {'celery_prefork': ('prefork', 2), 'celery_threads': ('threads', 4)}
+PREFETCH_MULTIPLIER = 4
 
 
 def _count(path: Path) -> int:
@@ -23,13 +25,14 @@ def _count(path: Path) -> int:
         return 0
 
 
-def start_worker(broker, counter: Path, log: Path):
+def start_worker(broker, counter: Path, log: Path, pool: str, concurrency: int):
     path = [str(ROOT), os.environ.get('PYTHONPATH')]
     env = dict(os.environ, BENCH_BROKER_URL=broker.url, BENCH_COUNTER=str(counter),
                BENCH_TRANSPORT_OPTIONS=json.dumps(broker.transport_options),
                PYTHONPATH=os.pathsep.join(filter(None, path)))
     cmd = [sys.executable, '-m', 'celery', '-A', 'benchmarks.celery_app', 'worker',
-           '-P', POOL, '-c', str(CONCURRENCY), '-Q', QUEUE, '-l', os.environ.get('BENCH_WORKER_LOGLEVEL', 'INFO'),
+           '-P', pool, '-c', str(concurrency), '--prefetch-multiplier', str(PREFETCH_MULTIPLIER),
+           '-Q', QUEUE, '-l', os.environ.get('BENCH_WORKER_LOGLEVEL', 'INFO'),
            '--without-gossip', '--without-mingle', '--without-heartbeat',
            '-n', f'bench-{broker.name}@%h']
     with open(log, 'wb') as out:  # the child keeps its own copy
@@ -47,13 +50,13 @@ def _tail(log: Path, lines: int = 30) -> str:
     return '\n'.join(log.read_text(errors='replace').splitlines()[-lines:])
 
 
-def measure(broker, n: int, timeout: float = 600) -> dict:
-    counter = broker.tmpdir / f'celery-{broker.name}.count'
-    log = broker.tmpdir / f'celery-{broker.name}.log'
+def measure(broker, n: int, pool: str, concurrency: int, timeout: float = 600) -> dict:
+    counter = broker.tmpdir / f'celery-{broker.name}-{pool}.count'
+    log = broker.tmpdir / f'celery-{broker.name}-{pool}.log'
     counter.unlink(missing_ok=True)
     app = make_app(broker.url, broker.transport_options)
     tick = app.tasks['bench.tick']
-    worker = start_worker(broker, counter, log)
+    worker = start_worker(broker, counter, log, pool, concurrency)
     try:
         with app.producer_or_acquire() as producer:
             tick.apply_async(producer=producer)  # warm-up: pool processes, connections
@@ -77,4 +80,5 @@ def measure(broker, n: int, timeout: float = 600) -> dict:
         procs.stop(worker, sig=signal.SIGQUIT)
         app.close()
     return {'tasks': n, 'seconds': elapsed, 'rate': n / elapsed,
-            'publish_seconds': published, 'pool': f'{POOL} -c {CONCURRENCY}'}
+            'publish_seconds': published,
+            'pool': f'{pool} -c {concurrency}, prefetch multiplier {PREFETCH_MULTIPLIER}'}

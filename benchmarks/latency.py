@@ -1,4 +1,7 @@
-"""Idle-queue publish-to-delivery latency, and the idle consumer's CPU use.
+"""Idle-queue publish-to-delivery latency, and the CPU an idle queue costs.
+
+Idle CPU counts both sides: the consumer process and, for a broker with a
+server (redis-server), the server process too.
 
 The consumer is another process that blocks in drain_events between messages,
 as a Celery worker does.  Each message carries its publish time (wall clock,
@@ -68,9 +71,10 @@ def measure(broker, samples: int = 200, spacing: float = 0.02,
                 time.sleep(0.05)
             time.sleep(0.5)
             # Idle window: no messages at all, only the transport's own activity.
-            cpu0, t0 = procs.cpu_seconds(proc.pid), time.monotonic()
+            pids = [proc.pid] + ([broker.server_pid] if broker.server_pid else [])
+            cpu0, t0 = [procs.cpu_seconds(p) for p in pids], time.monotonic()
             time.sleep(idle_window)
-            cpu1, t1 = procs.cpu_seconds(proc.pid), time.monotonic()
+            cpu1, t1 = [procs.cpu_seconds(p) for p in pids], time.monotonic()
             for i in range(samples):
                 send(i)
                 time.sleep(spacing)
@@ -84,10 +88,12 @@ def measure(broker, samples: int = 200, spacing: float = 0.02,
     if len(delays) != samples:
         raise RuntimeError(f'{broker.name}: {len(delays)} of {samples} samples arrived')
     ms = sorted(d * 1000 for d in delays)
+    pct = [100 * (b - a) / (t1 - t0) for a, b in zip(cpu0, cpu1)]
     return {'samples': samples, 'spacing_ms': spacing * 1000,
             'p50_ms': statistics.median(ms), 'p99_ms': _quantile(ms, 0.99),
             'max_ms': ms[-1], 'idle_window_s': t1 - t0,
-            'idle_cpu_pct': 100 * (cpu1 - cpu0) / (t1 - t0)}
+            'idle_cpu_pct': sum(pct), 'idle_cpu_consumer_pct': pct[0],
+            'idle_cpu_server_pct': pct[1] if len(pct) > 1 else None}
 
 
 def _quantile(sorted_values, q):

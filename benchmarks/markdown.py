@@ -41,7 +41,7 @@ def main_suite(data: dict) -> list[str]:
                      _n(lat.get('p50_ms'), 2), _n(lat.get('p99_ms'), 2),
                      _n(lat.get('idle_cpu_pct'), 2)])
     out = _table(['broker', *[label for _, label in THROUGHPUT], 'wake-up p50 ms',
-                  'wake-up p99 ms', 'idle CPU % of a core'], rows)
+                  'wake-up p99 ms', 'idle CPU % of a core (consumer + server)'], rows)
     out += ['', 'Every round (the table shows the median):', '']
     out += _table(['broker', *[label for _, label in THROUGHPUT]], [
         [broker, *[' / '.join(_n(x) for x in r.get(m, {}).get('round_rates', []))
@@ -63,9 +63,10 @@ def scale_suite(data: dict) -> list[str]:
         for b, r in res.items() for d in r['depth']])
     out += ['']
     out += _table(['broker', 'processes', 'messages', 'aggregate msg/s', 'vs 1 process',
-                   '"database is locked"', 'duplicates', 'missing', 'per process'], [
+                   '"database is locked"', 'duplicates', 'missing', 'left in store',
+                   'per process'], [
         [b, p['processes'], _n(p['messages']), _n(p['rate']), f'{p["vs_single"]:.2f}x',
-         p['locked_errors'], p['duplicates'], p['missing'],
+         p['locked_errors'], p['duplicates'], p['missing'], p.get('left_in_store', '-'),
          ' '.join(str(x) for x in p['per_process'])]
         for b, r in res.items() for p in r['processes']])
     return out + ['', *_targets(data.get('targets', []))]

@@ -10,13 +10,20 @@ from rich.table import Table
 console = Console(width=None if Console().is_terminal else 120)
 
 THROUGHPUT = (('publish', 'publish msg/s'), ('consume', 'consume+ack msg/s'),
-              ('celery', 'celery tasks/s'))
-# (metric, versus, least ratio sqlite/versus)
-RATIO_TARGETS = [('publish', 'redis', 2.0), ('consume', 'redis', 1.2),
-                 ('celery', 'redis', 1.0)] + [(m, 'sqla', 10.0) for m, _ in THROUGHPUT]
+              ('consume_unbatched', 'consume+ack, one write per ack, msg/s'),
+              ('celery_prefork', 'celery prefork -c 2 tasks/s'),
+              ('celery_threads', 'celery threads -c 4 tasks/s'))
+#: Figures only kombu-sqlite has, compared with the other brokers' plain figure.
+COMPARED_WITH = {'consume_unbatched': 'consume'}
+# (metric, versus, least ratio sqlite/versus): issue 10's targets against Redis; against
+# kombu's SQLAlchemy transport, at equal counts (see docs/benchmarks.md).
+RATIO_TARGETS = [('publish', 'redis', 4.0), ('consume', 'redis', 10.0),
+                 ('celery_prefork', 'redis', 2.0), ('celery_threads', 'redis', 2.0),
+                 ('publish', 'sqla', 10.0), ('consume', 'sqla', 10.0),
+                 ('celery_prefork', 'sqla', 5.0), ('celery_threads', 'sqla', 5.0)]
 LATENCY_TARGETS = [('p50_ms', 5.0, 'idle wake-up p50 (ms)'),
                    ('p99_ms', 25.0, 'idle wake-up p99 (ms)'),
-                   ('idle_cpu_pct', 2.0, 'idle consumer CPU (% of a core)')]
+                   ('idle_cpu_pct', 2.0, 'idle CPU, consumer + broker server (% of a core)')]
 
 
 def _fmt(value, digits=0):
@@ -34,7 +41,7 @@ def ratios(results: dict) -> dict:
     for metric, _ in THROUGHPUT:
         mine = _rate(results, 'sqlite', metric)
         for other in ('redis', 'sqla'):
-            theirs = _rate(results, other, metric)
+            theirs = _rate(results, other, COMPARED_WITH.get(metric, metric))
             if mine and theirs:
                 out[f'{metric}: sqlite/{other}'] = mine / theirs
     return out
@@ -61,7 +68,7 @@ def print_main(results: dict, ratio: dict, rows: list[dict]) -> None:
     table.add_column('broker')
     for _, label in THROUGHPUT:
         table.add_column(label, justify='right')
-    for label in ('p50 ms', 'p99 ms', 'idle CPU %'):
+    for label in ('p50 ms', 'p99 ms', 'idle CPU % (consumer + server)'):
         table.add_column(label, justify='right')
     for broker, r in results.items():
         lat = r.get('latency') or {}
@@ -112,11 +119,16 @@ def scale_targets(scale: dict) -> list[dict]:
             {'target': f'{n} processes on one file: aggregate >= 1 process (ratio)',
              'value': round(p['vs_single'], 2), 'pass': p['vs_single'] >= 1.0},
             {'target': f'{n} processes: "database is locked" surfaced',
-             'value': p['locked_errors'], 'pass': p['locked_errors'] == 0},
+             'value': p['locked_errors'], 'pass': p['locked_errors'] == 0, 'speed': False},
             {'target': f'{n} processes: messages lost or delivered twice',
              'value': p['missing'] + p['duplicates'],
-             'pass': p['missing'] + p['duplicates'] == 0},
+             'pass': p['missing'] + p['duplicates'] == 0, 'speed': False},
         ]
+    for p in mine.get('processes', []):
+        rows.append({'target': f'{p["processes"]} process(es): file empty after the last ack '
+                               f'(messages left)',
+                     'value': p['left_in_store'], 'pass': p['left_in_store'] == 0,
+                     'speed': False})
     return rows
 
 
@@ -133,14 +145,14 @@ def print_scale(scale: dict) -> None:
     console.print(table)
     table = Table(title='Several processes consuming one queue')
     for column in ('broker', 'procs', 'messages', 'aggregate msg/s', 'vs 1 proc',
-                   'db locked', 'duplicates', 'missing'):
+                   'db locked', 'duplicates', 'missing', 'left in store'):
         table.add_column(column, justify='left' if column == 'broker' else 'right')
     for broker, r in scale.items():
         for row in r.get('processes', []):
             table.add_row(broker, str(row['processes']), _fmt(row['messages']),
                           _fmt(row['rate']), f"{row.get('vs_single', 1):.2f}x",
                           str(row['locked_errors']), str(row['duplicates']),
-                          str(row['missing']))
+                          str(row['missing']), str(row['left_in_store']))
     console.print(table)
 
 

@@ -56,7 +56,7 @@ def _drop(broker) -> None:
 
 def depth_suite(broker, opts, log) -> list[dict]:
     rows = []
-    budget = opts['fill_budget'] * (min(1, broker.scale))
+    budget = opts['fill_budget']
     for depth in opts['depths']:
         b = broker.fresh(f'depth-{depth}')
         log(f'{broker.name}: fill {depth:,} messages')
@@ -70,7 +70,7 @@ def depth_suite(broker, opts, log) -> list[dict]:
     return rows
 
 
-def _consumer(broker, prefetch, ready, go, results) -> None:
+def _consumer(broker, prefetch, ready, go, results, acked, total) -> None:
     register_sqlite()
     locked = 0
 
@@ -87,6 +87,8 @@ def _consumer(broker, prefetch, ready, go, results) -> None:
         last = time.time()
         first = first or last
         ids.append(body['i'])
+        with acked.get_lock():
+            acked.value += 1
 
     with broker.connection() as conn:
         consumer = Consumer(conn.channel(), [bench_queue(QUEUE)], callbacks=[on_message],
@@ -94,11 +96,15 @@ def _consumer(broker, prefetch, ready, go, results) -> None:
         with consumer:
             ready.put(1)
             go.wait()
-            while True:
+            idle_since = None
+            while acked.value < total:  # all acked, by this process or the others
                 try:
-                    conn.drain_events(timeout=2.0)  # 2 s without a message: queue empty
+                    conn.drain_events(timeout=0.2)
+                    idle_since = None
                 except TimeoutError:
-                    break
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since > 2.0:  # nothing for 2 s: give up
+                        break
                 except Exception as exc:
                     if 'database is locked' not in str(exc) or locked > 1000:
                         raise
@@ -109,9 +115,10 @@ def _consumer(broker, prefetch, ready, go, results) -> None:
 def consumers(broker, nprocs: int, total: int, prefetch: int) -> dict:
     """``nprocs`` processes drain a queue of ``total`` messages at once."""
     ctx = multiprocessing.get_context('spawn')
-    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    ready, results, go, acked = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value('l', 0)
     workers = [procs.track(ctx.Process(target=_consumer, daemon=True,
-                                       args=(broker, prefetch, ready, go, results)))
+                                       args=(broker, prefetch, ready, go, results, acked,
+                                             total)))
                for _ in range(nprocs)]
     try:
         for w in workers:
@@ -138,19 +145,37 @@ def consumers(broker, nprocs: int, total: int, prefetch: int) -> dict:
             'duplicates': len(ids) - len(set(ids)), 'missing': total - len(set(ids))}
 
 
+def left_in_store(broker, queue: str) -> int:
+    """Messages of ``queue`` the broker still stores after every one was acked."""
+    if broker.name == 'sqlite':
+        from kombu_sqlite import Broker as Admin
+        with Admin(broker.url) as admin:
+            q = admin.stats().get(queue)
+        return 0 if q is None else q['ready'] + q['leased'] + q['delayed'] + q['dead']
+    if broker.name == 'sqla':  # kombu's SQLAlchemy transport keeps acked rows, marked
+        import sqlite3
+        path = broker.url.split(':///', 1)[1]
+        with sqlite3.connect(path) as db:
+            return db.execute('SELECT count(*) FROM kombu_message').fetchone()[0]
+    import redis
+    client = redis.Redis.from_url(broker.url)
+    return client.llen(queue) + client.hlen('unacked')
+
+
 def processes_suite(broker, opts, log) -> list[dict]:
     rows = []
-    total = broker.counts(opts['per_process'] * opts['processes'])
+    total = opts['per_process'] * opts['processes']
     for nprocs in sorted({1, opts['processes']}):
         b = broker.fresh(f'procs-{nprocs}')
         log(f'{broker.name}: fill {total:,}, then {nprocs} consumer process(es) drain it')
         filled = fill(b, total, float('inf'), log)
         row = consumers(b, nprocs, total, opts['prefetch'])
         row['fill_rate'] = filled['fill_rate']
+        row['left_in_store'] = left_in_store(b, QUEUE)
         row['vs_single'] = row['rate'] / rows[0]['rate'] if rows else 1.0
         log(f'{broker.name}: {nprocs} process(es): {row["rate"]:,.0f} msg/s, '
             f'{row["locked_errors"]} locked, {row["duplicates"]} duplicates, '
-            f'{row["missing"]} missing')
+            f'{row["missing"]} missing, {row["left_in_store"]} left in the store')
         rows.append(row)
         _drop(b)
     return rows

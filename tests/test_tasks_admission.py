@@ -47,13 +47,14 @@ def test_per_user_limit_until_a_request_finishes(tasks_env):
 def test_spike_mode_admits_only_executives_and_ends(tasks_env, caplog):
     tasks_env.configure(spike={'depth': 3, 'resume_depth': 1, 'cutoff_role': 'executive'})
     import tasks
-    from tasks import ledger
+    from tasks import admission, ledger
     caplog.set_level(logging.WARNING, logger='tasks.alerts')
     backlog = [tasks.submit('batch', 'system', 'transcript', {'text': str(i)})
                for i in range(4)]  # 4 waiting > 3: the next look enters spike mode
     with pytest.raises(tasks.Overloaded, match='spike mode') as info:
         tasks.submit('sam', 'staff', 'transcript', {'text': 'x'})
-    assert info.value.retry_after >= 1
+    # No run history yet: the hint is how long the 4 waiting take on the model's 1 slot.
+    assert info.value.retry_after == 4 * admission.DEFAULT_RUN_SECONDS
     with pytest.raises(tasks.Overloaded):
         tasks.submit('dan', 'director', 'transcript', {'text': 'x'})
     vip = tasks.submit('vic', 'executive', 'transcript', {'text': 'x'})
@@ -76,11 +77,12 @@ def test_spike_mode_admits_only_executives_and_ends(tasks_env, caplog):
 def test_full_queue_is_overloaded_with_retry_hint(tasks_env):
     tasks_env.configure(models={'gpt-oss:20b': {'slots': 1, 'max_queue': 2}})
     import tasks
+    from tasks import admission
     for i in range(2):
         tasks.submit(f'u{i}', 'system', 'transcript', {'text': 'x'})
     with pytest.raises(tasks.Overloaded, match='is full') as info:
         tasks.submit('u9', 'system', 'transcript', {'text': 'x'})
-    assert info.value.retry_after > 0
+    assert info.value.retry_after == 2 * admission.DEFAULT_RUN_SECONDS   # 2 ahead, 1 slot
     assert sorted(r.status for r in tasks_env.rows()) == ['queued', 'queued', 'rejected']
 
 

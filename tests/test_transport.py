@@ -96,15 +96,6 @@ def test_closing_a_channel_releases_its_unacked_messages(db_url):
         assert message.payload == 'x' and message.delivery_info['redelivered']
 
 
-def test_no_ack_consumer_takes_messages_for_good(db_url):
-    with Connection(db_url) as conn:
-        publish(conn, 'once')
-        assert conn.default_channel.basic_get('q', no_ack=True).payload == 'once'
-    with Connection(db_url, transport_options={'visibility_timeout': 0.2}) as conn:
-        time.sleep(1.5)
-        assert conn.default_channel.basic_get('q') is None
-
-
 def test_consumer_acks_reach_the_file_without_another_delivery(db_url):
     """A consumer's acks are settled in batches; an operator still sees them land."""
     options = {'housekeeping_interval': 0.2}
