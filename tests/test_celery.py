@@ -54,6 +54,7 @@ def test_worker_killed_mid_task_loses_nothing(celery_env, procs):
     assert result.state in ('PENDING', 'STARTED')
 
 
+@pytest.mark.slow
 def test_task_three_times_longer_than_visibility_timeout_runs_once(celery_env):
     app = celery_env.configure(TEST_VISIBILITY_TIMEOUT=2)
     celery_env.worker('-c', '1', name='first')
