@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+from celery import signals as celery_signals
 from celery.utils.time import get_exponential_backoff_interval
 
 try:
@@ -145,7 +146,10 @@ def _embed_batch(self, requests) -> dict:
 
 
 if Batches is None:
-    logger.warning('celery-batches is not installed: embedding requests are not batched')
+    @celery_signals.worker_init.connect
+    def _say_embeddings_are_not_batched(**_):
+        # Said by a worker, which is where it matters; not on every import.
+        logger.warning('celery-batches is not installed: embedding requests are not batched')
     embed = app.task(name='tasks.embed', bind=True, is_batch=False)(_embed_one)
 else:
     class EmbedBatches(Batches):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from celery import signals
+from sqlalchemy.exc import IntegrityError
 
 from . import ledger, ollama
 from .app import app, current
@@ -32,17 +33,27 @@ def header(request, name, default=None):
 
 def _row(s, task_id, request=None, kwargs=None) -> Request:
     row = s.get(Request, task_id)
-    if row is None:
-        cfg = current()
-        model = (kwargs or {}).get('model', '?')
-        role = header(request, 'x-role', '?')
-        row = Request(
-            task_id=task_id, user_id=header(request, 'x-client', 'anonymous'), role=role,
-            priority=(request.delivery_info or {}).get('priority') or 0 if request else 0,
-            request_type=header(request, 'x-request-type', 'direct'), model=model,
-            queue=cfg.models[model].queue if model in cfg.models else '?',
-            status=QUEUED, created_at=ledger.now(), attempts=0, retries=0)
-        s.add(row)
+    if row is not None:
+        return row
+    cfg = current()
+    model = (kwargs or {}).get('model', '?')
+    row = Request(
+        task_id=task_id, user_id=header(request, 'x-client', 'anonymous'),
+        role=header(request, 'x-role', '?'),
+        priority=(request.delivery_info or {}).get('priority') or 0 if request else 0,
+        request_type=header(request, 'x-request-type', 'direct'), model=model,
+        queue=cfg.models[model].queue if model in cfg.models else '?',
+        status=QUEUED, created_at=ledger.now(), attempts=0, retries=0)
+    try:
+        with s.begin_nested():
+            s.add(row)
+    except IntegrityError:
+        # submit() added the row and published before committing, and a worker
+        # took the message first: on PostgreSQL our INSERT waited for that commit
+        # and failed, so the row is there to read now.
+        row = s.get(Request, task_id)
+        if row is None:
+            raise
     return row
 
 

@@ -52,6 +52,7 @@ def test_worker_killed_mid_task_loses_nothing(celery_env, procs):
     assert runs[0][1] != runs[1][1] == runs[2][1]   # begun by the doomed, finished by the rescuer
 
 
+@pytest.mark.slow
 def test_task_three_times_longer_than_visibility_timeout_runs_once(celery_env):
     app = celery_env.configure(TEST_VISIBILITY_TIMEOUT=2)
     celery_env.worker('-c', '1', name='first')

@@ -44,6 +44,7 @@ def _small_demo(tmp_path, *args):
     return proc, out
 
 
+@pytest.mark.slow
 def test_small_demo_meets_its_criteria(tmp_path):
     proc, out = _small_demo(tmp_path)
     assert proc.returncode == 0, out
@@ -92,6 +93,7 @@ def test_small_demo_meets_its_criteria(tmp_path):
     assert str(run / 'report.json') in out
 
 
+@pytest.mark.slow
 def test_strict_fails_without_admission_control(tmp_path):
     """Run without spike mode and per-user limits: each has a criterion that fails."""
     proc, out = _small_demo(tmp_path, '--without', 'spike-mode', '--without', 'user-limits')

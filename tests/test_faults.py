@@ -285,6 +285,7 @@ def fill(directory):
     return filler
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_celery_worker_up_and_it_recovers_by_itself(
         celery_env, small_fs):
     url = f'sqlite:///{small_fs}/broker.db'

@@ -192,6 +192,7 @@ def test_maintain_beside_a_reader_snapshot_never_stalls_publishers(tmp_path, pro
     assert not os.path.exists(f'{path}-wal') or os.path.getsize(f'{path}-wal') == 0
 
 
+@pytest.mark.slow
 def test_maintain_after_purging_60k_returns_the_space_without_stalling(tmp_path, procs):
     path = tmp_path / 'live.db'
     url = f'sqlite:///{path}'

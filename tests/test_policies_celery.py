@@ -14,6 +14,7 @@ def broker(celery_env):
     return Broker(celery_env.env['TEST_BROKER_URL'])
 
 
+@pytest.mark.slow
 def test_poison_task_is_dead_lettered_and_the_queue_keeps_flowing(celery_env):
     app = celery_env.configure(TEST_TRANSPORT_OPTIONS=json.dumps({'max_deliveries': 3}))
     bad = app.poison.delay()

@@ -52,6 +52,10 @@ RUN_TOKENS, TOKEN_RATE = 24, 24       # one second per request
 LONG_TOKENS = 240                     # ten seconds: long enough to be killed in
 VISIBILITY_TIMEOUT = 20               # above the longest request (Redis runs it again after)
 
+USERS = ['analyst-0', 'analyst-1', 'manager-0', 'director-0', 'director-1', 'executive-0',
+         'system-0', 'system-1', 'system-2', 'system-3', 'system-long-0', 'system-long-1',
+         'system-block-0', 'system-block-1']
+
 # Each box's configuration file: the same but for [ollama] url.
 BOX_CONFIG = '''\
 broker_url = "{broker_url}"
@@ -78,6 +82,11 @@ cutoff_role = "executive"
 
 [models]
 "{model}" = {{slots = 1, queue = "{queue}"}}
+
+# The user directory (issue 13): each test user may ask at the role of its name;
+# everyone else (staff-*) gets the default role, staff.
+[users]
+{users}
 
 [request_types]
 transcript = {{model = "{model}", prompt = "Summarise: {{text}}"}}
@@ -261,7 +270,8 @@ class Boxes:
         path = self.tmp / f'{box}.toml'
         path.write_text(BOX_CONFIG.format(
             broker_url=self.broker_url, db_url=self.db_url, ollama_url=self.sims[box].url,
-            visibility_timeout=VISIBILITY_TIMEOUT, model=MODEL, queue=QUEUE))
+            visibility_timeout=VISIBILITY_TIMEOUT, model=MODEL, queue=QUEUE,
+            users='\n'.join(f'"{user}" = "{user.split("-")[0]}"' for user in USERS)))
         return path
 
     def env(self, box='box-a'):
@@ -478,6 +488,45 @@ def test_two_boxes_on_a_shared_broker_and_postgresql(boxes):
     assert kept == documented_table()[boxes.broker], (
         f'docs/scaling-out.md says otherwise for {boxes.broker}: measured {kept}')
     assert _documented_commands() >= set(COMMANDS.values())
+
+
+def test_a_worker_ahead_of_the_submitting_commit_marks_the_request_running(
+        postgresql, tmp_path, monkeypatch):
+    """submit() publishes before its ledger transaction commits; a worker that
+    starts the request in between must still mark it running (on PostgreSQL its
+    INSERT of the row waits for that commit and then meets the producer's row)."""
+    import threading
+    import tasks
+    from tasks import config, ledger, signals
+    db_url = postgresql('ledger_race')
+    path = tmp_path / 'box.toml'
+    path.write_text(f'ledger_url = "{db_url}"\n\n[models]\n"{MODEL}" = {{slots = 1, queue = "{QUEUE}"}}\n'
+                    f'\n[request_types]\ntranscript = {{model = "{MODEL}", prompt = "{{text}}"}}\n')
+    monkeypatch.setenv('TASKS_DATA_DIR', str(tmp_path / 'data'))
+    tasks.configure(config.load(path))
+    outcome = {}
+
+    def worker_starts():
+        try:
+            signals.mark_running('t-race', kwargs={'model': MODEL}, worker='box-a@host')
+            outcome['ok'] = True
+        except Exception as exc:  # reported below, with the row
+            outcome['error'] = exc
+    with ledger.session(db_url) as s:   # the producer, as admission.submit does
+        s.add(ledger.Request(
+            task_id='t-race', user_id='alice', role='staff', priority=5,
+            request_type='transcript', model=MODEL, queue=QUEUE, status=ledger.QUEUED,
+            created_at=ledger.now() - 1, attempts=0, retries=0))
+        s.flush()
+        worker = threading.Thread(target=worker_starts)
+        worker.start()
+        worker.join(1)
+        assert worker.is_alive(), f'the worker did not wait for the producer: {outcome}'
+    worker.join(30)
+    row = {r.task_id: r for r in ledger.rows(db_url)}['t-race']
+    assert outcome == {'ok': True} and (row.status, row.attempts, row.worker, row.user_id) == (
+        'running', 1, 'box-a@host', 'alice'), (outcome, row.as_dict())
+    assert row.wait_seconds >= 1
 
 
 def assert_marked_running(rows):

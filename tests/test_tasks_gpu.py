@@ -3,11 +3,14 @@ import os
 import signal
 import time
 
+import pytest
+
 pytest_plugins = ['tasks_fixtures']
 
 LONG = {'options': {'num_predict': 800}}  # 2 s at 400 tokens/s
 
 
+@pytest.mark.slow
 def test_gpu_slots_cap_models_serve_by_role_across_models_and_free_on_kill(tasks_env):
     from tasks_fixtures import start_simulator
     sim = start_simulator(tasks_env.procs, '--token-rate', '400',

@@ -39,6 +39,7 @@ def wait_log(env, proc, text, count=1, timeout=30):
     wait_until(lambda: env.procs.log(proc).count(text) >= count, timeout, repr(text))
 
 
+@pytest.mark.slow
 def test_dead_worker_restarted_others_serve_request_completes(any_broker_env):
     env = any_broker_env
     proc = start(env)
@@ -57,6 +58,7 @@ def test_dead_worker_restarted_others_serve_request_completes(any_broker_env):
     assert proc.poll() is None
 
 
+@pytest.mark.slow
 def test_restart_limit_exits_naming_the_worker_and_its_log(tasks_env):
     proc = start(tasks_env, max_restarts=2)
     for n in range(3):
@@ -71,6 +73,7 @@ def test_restart_limit_exits_naming_the_worker_and_its_log(tasks_env):
     assert '    ' in tail and 'gpt-oss' in tail.lower()
 
 
+@pytest.mark.slow
 def test_wedged_worker_is_restarted(tasks_env):
     """A worker that stops answering (its main process stopped) is restarted, and
     the request it held runs on the new one."""
@@ -87,6 +90,7 @@ def test_wedged_worker_is_restarted(tasks_env):
     assert worker_pid(tasks_env, proc) != pid
 
 
+@pytest.mark.slow
 def test_request_making_no_progress_is_restarted(tasks_env):
     """A pool process stopped mid-request: past ollama.timeout, the worker is restarted
     and the request runs again."""
@@ -103,6 +107,7 @@ def test_request_making_no_progress_is_restarted(tasks_env):
     assert tasks_env.row(stuck.id).attempts == 2
 
 
+@pytest.mark.slow
 def test_pool_processes_killed_the_request_still_completes(tasks_env):
     """The issue's wedge: both pool processes of a prefork worker killed with -9."""
     proc = start(tasks_env, {'models': {'gpt-oss:20b': {'slots': 2, 'queue': 'gpu.gpt-oss'}}})
