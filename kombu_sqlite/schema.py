@@ -230,31 +230,27 @@ def prepare_directory(path: str) -> None:
 def identify(path: str) -> bool:
     """Whether ``path`` is a new (missing or empty) file; raises unless it is ours.
 
-    Reads the 100-byte SQLite header itself, and the table list through a
-    connection that can neither write nor create ``-wal``/``-shm`` files, so
-    a file that is not ours is refused leaving it and its directory exactly
-    as they were.
+    Reads the SQLite header and the table list through a connection that can
+    neither write nor create ``-wal``/``-shm`` files, so a file that is not
+    ours is refused leaving it and its directory exactly as they were.
+
+    Never through ``open()``: closing any descriptor of the file drops every
+    POSIX lock this process holds on it, those of its live connections too;
+    another process closing its last connection then deletes the ``-wal``
+    under them, and their later commits go to the deleted file and are lost.
+    SQLite's own close keeps the descriptor while the process holds locks.
     """
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return True
-    try:
-        with open(path, 'rb') as f:
-            header = f.read(100)
-    except OSError as exc:
-        raise DatabaseUnavailable(
-            f'cannot read the queue database {path!r}: {exc.strerror}') from exc
-    if len(header) < 100 or not header.startswith(b'SQLite format 3\0'):
-        raise DatabaseError(
-            f'{path!r} is not a usable SQLite database (no SQLite header); it was left '
-            f'as it was')
+    if os.path.getsize(path) < 100:
+        raise _no_header(path)
     # The header may lag behind the -wal; application_id is written before the
     # file turns to WAL, so it is always here; the version is read later.
-    version, app_id = struct.unpack('>i4xi', header[60:72])
+    app_id, version, tables = _header(path)
     if app_id == APPLICATION_ID:
         return False
     if app_id != 0:
         raise _foreign(path, app_id, version, None)
-    tables = _tables(path)
     if not tables and version == 0:
         return True   # an empty SQLite file: ours to set up
     if 'kombu_message' in tables and tables <= _OUR_TABLES:
@@ -262,16 +258,30 @@ def identify(path: str) -> bool:
     raise _foreign(path, app_id, version, tables)
 
 
-def _tables(path: str) -> set:
-    conn = sqlite3.connect(f'{_uri(path)}?mode=ro&immutable=1', uri=True)
+def _header(path: str) -> tuple[int, int, set]:
+    """application_id, user_version and table names, from the file alone."""
     try:
-        return {r[0] for r in conn.execute(
+        conn = sqlite3.connect(f'{_uri(path)}?mode=ro&immutable=1', uri=True)
+    except sqlite3.OperationalError as exc:
+        raise DatabaseUnavailable(f'cannot read the queue database {path!r}: {exc}') from exc
+    try:
+        app_id = conn.execute('PRAGMA application_id').fetchone()[0]
+        version = conn.execute('PRAGMA user_version').fetchone()[0]
+        tables = {r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
+        if 'file is not a database' in str(exc):
+            raise _no_header(path) from exc
         raise DatabaseError(
             f'{path!r} is not a usable SQLite database: {exc}; it was left as it was') from exc
     finally:
         conn.close()
+    return app_id, version, tables
+
+
+def _no_header(path: str) -> DatabaseError:
+    return DatabaseError(f'{path!r} is not a usable SQLite database (no SQLite header); '
+                         f'it was left as it was')
 
 
 def _uri(path: str) -> str:
