@@ -176,7 +176,7 @@ def test_cancel_status_and_queue(any_broker_env):
     r = env.run('report', '--json')
     assert r.returncode == 0, r.stderr
     util = json.loads(r.stdout)['model_utilisation']['gpt-oss:20b']
-    assert util['basis'] == 'worker uptime' and 5 < util['up_seconds'] < 600, util
+    assert util['basis'] == 'worker uptime' and 0 < util['up_seconds'] < 600, util
     assert util['utilisation'] > 0.01, util  # over 24 h it would read 0.0%
 
 
