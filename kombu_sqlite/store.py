@@ -90,6 +90,11 @@ NEXT_READY = {
 BEFORE = {'forward': '(rank, id) < (:rank, :id)', 'lifo': '(rank, id) > (:rank, :id)',
           'level': 'rank = :rank AND id < :id'}
 
+#: Is anything ready in a queue?  A read, so a claim that would find nothing
+#: never takes the write lock (a consumer looks at every queue it consumes,
+#: the remote-control one included, after each commit by any process).
+ANY_READY = 'SELECT 1 FROM kombu_message WHERE queue = ? AND lease_expires_at IS NULL LIMIT 1'
+
 #: Claim: lease the next ready messages to this owner, in one statement.
 CLAIM = """
     UPDATE kombu_message
@@ -341,8 +346,11 @@ class Store:
         acked since its last claim, are deleted in the same transaction: one
         write lock for a whole prefetch window.  A message that cannot be
         decoded is dead-lettered with the reason; its batch-mates are not
-        held up by it.
+        held up by it.  With no acks to write and nothing ready, no write
+        transaction is begun.
         """
+        if not acks and self.db.conn.execute(ANY_READY, (queue,)).fetchone() is None:
+            return [], []
         now = time.time()
         statement = (TAKE if no_ack else CLAIM)
         with self.db.transaction() as conn:
