@@ -262,7 +262,8 @@ class Store:
         """Publish to one queue by name."""
         scheduling, max_length, _, _ = self.catalog.queue_policy(queue)
         if max_length is None and scheduling != 'fair':
-            n = self.db.conn.execute(PUBLISH_TO_QUEUE, dict(params, queue=queue)).rowcount
+            with self.db.transaction() as conn:  # quick lock waits: see db.QUICK_LOCK_WAITS
+                n = conn.execute(PUBLISH_TO_QUEUE, dict(params, queue=queue)).rowcount
         else:
             n = self._publish_with_policies([queue], params)
         self.counters[queue, 'published'] += n
@@ -276,8 +277,9 @@ class Store:
         args = dict(params, exchange=exchange, routing_key=routing_key or '')
         conn = self.db.conn
         if not conn.execute(ROUTED_POLICIES.format(match=match), args).fetchone():
-            queues = [r[0] for r in conn.execute(
-                PUBLISH_ROUTED.format(match=match) + ' RETURNING queue', args)]
+            with self.db.transaction() as conn:  # quick lock waits: see db.QUICK_LOCK_WAITS
+                queues = [r[0] for r in conn.execute(
+                    PUBLISH_ROUTED.format(match=match) + ' RETURNING queue', args)]
         else:
             queues = [r[0] for r in conn.execute(ROUTED_QUEUES.format(match=match), args)]
             self._publish_with_policies(queues, params)
