@@ -90,6 +90,11 @@ NEXT_READY = {
 BEFORE = {'forward': '(rank, id) < (:rank, :id)', 'lifo': '(rank, id) > (:rank, :id)',
           'level': 'rank = :rank AND id < :id'}
 
+#: Is anything ready in a queue?  A read, so a claim that would find nothing
+#: never takes the write lock (a consumer looks at every queue it consumes,
+#: the remote-control one included, after each commit by any process).
+ANY_READY = 'SELECT 1 FROM kombu_message WHERE queue = ? AND lease_expires_at IS NULL LIMIT 1'
+
 #: Claim: lease the next ready messages to this owner, in one statement.
 CLAIM = """
     UPDATE kombu_message
@@ -257,7 +262,8 @@ class Store:
         """Publish to one queue by name."""
         scheduling, max_length, _, _ = self.catalog.queue_policy(queue)
         if max_length is None and scheduling != 'fair':
-            n = self.db.conn.execute(PUBLISH_TO_QUEUE, dict(params, queue=queue)).rowcount
+            with self.db.transaction() as conn:  # quick lock waits: see db.QUICK_LOCK_WAITS
+                n = conn.execute(PUBLISH_TO_QUEUE, dict(params, queue=queue)).rowcount
         else:
             n = self._publish_with_policies([queue], params)
         self.counters[queue, 'published'] += n
@@ -271,8 +277,9 @@ class Store:
         args = dict(params, exchange=exchange, routing_key=routing_key or '')
         conn = self.db.conn
         if not conn.execute(ROUTED_POLICIES.format(match=match), args).fetchone():
-            queues = [r[0] for r in conn.execute(
-                PUBLISH_ROUTED.format(match=match) + ' RETURNING queue', args)]
+            with self.db.transaction() as conn:  # quick lock waits: see db.QUICK_LOCK_WAITS
+                queues = [r[0] for r in conn.execute(
+                    PUBLISH_ROUTED.format(match=match) + ' RETURNING queue', args)]
         else:
             queues = [r[0] for r in conn.execute(ROUTED_QUEUES.format(match=match), args)]
             self._publish_with_policies(queues, params)
@@ -341,8 +348,11 @@ class Store:
         acked since its last claim, are deleted in the same transaction: one
         write lock for a whole prefetch window.  A message that cannot be
         decoded is dead-lettered with the reason; its batch-mates are not
-        held up by it.
+        held up by it.  With no acks to write and nothing ready, no write
+        transaction is begun.
         """
+        if not acks and self.db.conn.execute(ANY_READY, (queue,)).fetchone() is None:
+            return [], []
         now = time.time()
         statement = (TAKE if no_ack else CLAIM)
         with self.db.transaction() as conn:

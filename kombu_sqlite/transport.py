@@ -20,7 +20,8 @@ A delivery claims its rows in one write transaction
 (``BEGIN IMMEDIATE; UPDATE ... WHERE id IN (SELECT ... ORDER BY priority, id
 LIMIT n) RETURNING ...``) and stamps ``lease_expires_at = now +
 visibility_timeout`` on CLOCK_MONOTONIC, so wall-clock steps neither rerun nor
-delay anything.  Ack, reject and requeue act only on a lease the caller still
+delay anything.  A claim with no acks to write first reads whether anything is
+ready, so looking at an empty queue takes no write lock.  Ack, reject and requeue act only on a lease the caller still
 owns; a late one is counted (``late_settles``) and logged.  Messages claimed
 but not yet handed to the application are released as soon as delivery stops.  Ack deletes the row; a channel with consumers deletes
 its acked rows in the transaction of its next claim (at once in its drain

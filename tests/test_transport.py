@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -116,6 +117,30 @@ def test_consumer_acks_reach_the_file_without_another_delivery(db_url):
             assert wait_for(settled, 5, what='the last acks to land')['ready'] == 0
     assert got == list(range(30))
     assert kombu_sqlite.Broker(db_url).stats()['q']['counters']['acked'] == 30
+
+
+def test_idle_consumer_looks_without_waiting_for_the_write_lock(db_url, procs):
+    """With nothing ready and no acks to write, looking for work is a read: a
+    consumer of an empty queue is not held up by another process's writes."""
+    path = kombu_sqlite.schema.path_from_url(db_url)
+    with Connection(db_url, transport_options={'busy_timeout': 5}) as conn:
+        queue = Queue('q')
+        with Consumer(conn, [queue], callbacks=[lambda body, m: m.ack()]):
+            writer = procs.start([sys.executable, '-c', (
+                'import sqlite3, time\n'
+                f'db = sqlite3.connect({path!r}, isolation_level=None)\n'
+                "db.execute('BEGIN IMMEDIATE')\n"
+                "print('locked', flush=True)\n"
+                'time.sleep(3600)\n')], name='writer')
+            try:
+                wait_for(lambda: 'locked' in procs.log(writer), 10, what='the lock')
+                started = time.monotonic()
+                with pytest.raises(socket.timeout):
+                    conn.drain_events(timeout=0.3)
+                took = time.monotonic() - started
+                assert took < 2.5, f'an idle consumer waited {took:.1f}s for the write lock'
+            finally:
+                procs.kill(writer)
 
 
 def test_consumer_killed_before_its_acks_land_gets_them_again(db_url, procs):
