@@ -141,7 +141,8 @@ def test_cancel_status_and_queue(any_broker_env):
     next_started = row.started_at - t0_wall
     print(f'cancel of a running request: stream closed after {stream_closed:.2f}s, '
           f'next request started {next_started:.2f}s after the cancel')
-    assert stream_closed < 3 and next_started < 3  # 0.1-0.2 s here; loaded CI is slower
+    # 0.1-0.3 s here (3.7 s when Celery's pool missed the exit: tasks.pool_reaper)
+    assert stream_closed < 3 and next_started < 1.5
     assert env.row(running.id).status == 'cancelled'
     assert AsyncResult(running.id, app=tasks.app).state == 'REVOKED'
 
