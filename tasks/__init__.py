@@ -9,6 +9,7 @@ from .app import app, configure, current
 from .config import ConfigError
 from . import availability, inference, signals  # registers tasks and signal handlers
 from . import flower_view, uptime  # noqa: F401  pool_grow guard; worker up time (report)
+from . import pool_reaper  # noqa: F401  a dead pool process is replaced at once
 from .admission import Overloaded, ResourceLimitExceeded, submit
 from .directory import RoleNotAllowed
 from .cancellation import CancelNotAllowed, cancel

@@ -226,7 +226,8 @@ def test_busy_worker_answers_pings(broker, worker_on, pool):
 def test_busy_prefork_worker_applies_revokes(broker, worker_on):
     worker = worker_on(broker, 'prefork')
     running, next_up, queued = keep_busy(worker)
-    assert worker.active() == [running.id]
+    # The child marks 'start' a moment before the worker hears it accepted the task.
+    wait_for(lambda: worker.active() == [running.id], 5, what='the worker to report job0 active')
     assert worker.revoke(queued.id), 'the revoke of a queued task went unanswered'
     assert worker.revoke(running.id, terminate=True), \
         'the revoke of the running task went unanswered'

@@ -141,7 +141,8 @@ def test_cancel_status_and_queue(any_broker_env):
     next_started = row.started_at - t0_wall
     print(f'cancel of a running request: stream closed after {stream_closed:.2f}s, '
           f'next request started {next_started:.2f}s after the cancel')
-    assert stream_closed < 3 and next_started < 3  # 0.1-0.2 s here; loaded CI is slower
+    # 0.1-0.3 s here (3.7 s when Celery's pool missed the exit: tasks.pool_reaper)
+    assert stream_closed < 3 and next_started < 1.5
     assert env.row(running.id).status == 'cancelled'
     assert AsyncResult(running.id, app=tasks.app).state == 'REVOKED'
 
@@ -178,6 +179,35 @@ def test_cancel_status_and_queue(any_broker_env):
     util = json.loads(r.stdout)['model_utilisation']['gpt-oss:20b']
     assert util['basis'] == 'worker uptime' and 0 < util['up_seconds'] < 600, util
     assert util['utilisation'] > 0.01, util  # over 24 h it would read 0.0%
+
+
+def test_each_cancel_frees_the_slot_within_a_second(tasks_env):
+    """Cancel after cancel on a one-slot worker: the pool process that ran the
+    request is replaced at once each time (Celery's pool alone often waits for
+    its 5 s timer: about half of all cancels here)."""
+    import tasks
+    from tasks.cancellation import STOPPED
+    from tasks_fixtures import wait_until
+    env = tasks_env
+    env.configure()
+    env.worker()
+    running = tasks.submit('u0', 'staff', 'transcript', {'text': 'long-0', 'options': LONG})
+    env.wait_status(running.id, 'running')
+    waits = []
+    for i in range(1, 5):
+        following = tasks.submit(f'u{i}', 'staff', 'transcript',
+                                 {'text': f'long-{i}', 'options': LONG})
+        wait_until(lambda: tasks.status(following.id)['state'] == 'queued', 10,
+                   'the next request to be queued')
+        t0_wall = time.time()
+        assert tasks.cancel(running.id, by_user=None).how == STOPPED
+        row = env.wait_status(following.id, 'running', timeout=20)
+        waits.append(round(row.started_at - t0_wall, 2))
+        running = following
+    tasks.cancel(running.id, by_user=None)
+    print(f'next request started after each cancel: {waits} s')
+    assert max(waits) < 1.5, waits
+    assert [r.status for r in env.rows()] == ['cancelled'] * 5
 
 
 def _flower(env, port):
