@@ -93,7 +93,9 @@ def test_worker_pauses_while_ollama_is_down_and_resumes(any_broker_env):
     env.configure(retry={'max_retries': 1, 'backoff': 1, 'backoff_max': 1, 'jitter': False})
     import tasks
     worker = env.worker()
-    flight = tasks.submit('ann', 'executive', 'transcript', {'text': 'long', **LONG})
+    # 6 s of tokens: still streaming when Ollama goes away, even on a loaded box.
+    flight = tasks.submit('ann', 'executive', 'transcript',
+                          {'text': 'long', 'options': {'num_predict': 2400}})
     env.wait_status(flight.id, 'running', timeout=20)
     env.sim.fault('refuse', seconds=4)
     time.sleep(2)  # the worker has noticed and paused
