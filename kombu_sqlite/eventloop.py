@@ -17,9 +17,16 @@ What a connection registers with the hub:
 * a pipe of its own, written when a callback stopped after ``max_rounds``
   deliveries with work possibly left, so the hub comes back at once (after
   serving everything else) rather than after its poll timeout;
-* a check on every turn of the loop: a channel whose prefetch budget was
-  spent claims again once acks free half of it (acks are written with the
-  next claim, so nothing becomes readable by itself);
+* a check on every turn of the loop: a channel with a prefetch limit
+  claims once acks have freed half of its budget (acks are written with the
+  next claim, so nothing becomes readable by itself).  Waiting for half
+  rather than claiming whenever one message is acked makes a busy worker's
+  claims carry several messages each instead of one;
+* while every channel with a prefetch limit waits for acks, the descriptor
+  is not watched: each commit of a producer would wake the loop for nothing.
+  A timer every ``busy_check_interval`` looks instead, for the channels
+  without a limit (Celery's remote control), and the watch resumes with
+  the next claim;
 * a timer every ``polling_interval`` that delivers anyway, the safety net for
   a missed wake-up; without inotify, a timer every ``poll_interval`` that
   reads ``PRAGMA data_version`` instead of the descriptor.
@@ -39,6 +46,8 @@ class HubConsumer:
     #: deliveries (one claimed batch each) per channel and callback before
     #: the hub runs its other callbacks; the pipe brings it back for the rest.
     max_rounds = 10
+    #: seconds between looks while the descriptor is not watched (see above)
+    busy_check_interval = 0.02
 
     def __init__(self, transport, waiter, polling_interval: float):
         self.transport = transport
@@ -46,10 +55,11 @@ class HubConsumer:
         self.polling_interval = polling_interval
         self.pid = os.getpid()
         self._loop = None
-        self._safety_timer = self._poll_timer = None
+        self._safety_timer = self._poll_timer = self._busy_timer = None
         self._watched_fd = self._watches = None
         self._kick_r = self._kick_w = None
-        self._starved = []  # consuming channels whose prefetch budget was spent
+        self._starved = []  # consuming channels waiting for acks before they claim
+        self._paused = False  # descriptor unwatched: every limited channel is starved
 
     def register(self, loop) -> None:
         """Hook into ``loop``; a second call (after a reconnect) starts afresh."""
@@ -68,10 +78,11 @@ class HubConsumer:
         loop, self._loop = self._loop, None
         if loop is None:
             return
-        for tref in (self._safety_timer, self._poll_timer):
+        for tref in (self._safety_timer, self._poll_timer, self._busy_timer):
             if tref is not None:
                 tref.cancel()
-        self._safety_timer = self._poll_timer = None
+        self._safety_timer = self._poll_timer = self._busy_timer = None
+        self._paused = False
         loop.on_tick.discard(self.on_tick)
         for fd in (self._watched_fd, self._kick_r):
             if fd is not None:
@@ -85,7 +96,7 @@ class HubConsumer:
     def _watch(self) -> None:
         """Keep the hub watching the waiter's descriptor, which changes when
         the WAL file is replaced; poll when there is none."""
-        fd = self.waiter.fileno()
+        fd = None if self._paused else self.waiter.fileno()
         # A new watch may reuse the old descriptor's number: compare both.
         if (fd, self.waiter.watches) != (self._watched_fd, self._watches):
             if self._watched_fd is not None:
@@ -93,7 +104,7 @@ class HubConsumer:
             if fd is not None:
                 self._loop.add_reader(fd, self.on_readable)
             self._watched_fd, self._watches = fd, self.waiter.watches
-        if fd is None and self._poll_timer is None:
+        if self.waiter.fileno() is None and self._poll_timer is None:
             self._poll_timer = self._loop.call_repeatedly(self.waiter.poll_interval,
                                                           self.on_readable)
 
@@ -132,20 +143,39 @@ class HubConsumer:
         # claim: no commit announces them.  Claim once half the budget is
         # free, so a window costs a few claims rather than one per message.
         consuming = self.transport.consuming_channels()
-        refill = [c for c in self._starved if c in consuming and self._refill_due(c)]
-        if refill:
+        refill = [c for c in self._starved if c in consuming and self._claim_due(c)]
+        if refill and self._paused:
+            self._pause(False)
+            self.deliver()  # commits went unwatched: every channel looks
+        elif refill:
             self._deliver(refill)
 
+    def _pause(self, paused: bool) -> None:
+        """Stop or resume watching the descriptor; a timer looks meanwhile."""
+        if paused == self._paused or self._loop is None or self.waiter.fileno() is None:
+            return
+        self._paused = paused
+        self._watch()
+        if paused:
+            self._busy_timer = self._loop.call_repeatedly(self.busy_check_interval,
+                                                          self.on_readable)
+        else:
+            self._busy_timer.cancel()
+            self._busy_timer = None
+
     @staticmethod
-    def _refill_due(channel) -> bool:
+    def _claim_due(channel) -> bool:
         qos = channel.qos
-        return qos.can_consume_max_estimate() >= max(1, (qos.prefetch_count or 0) // 2)
+        free = qos.can_consume_max_estimate()
+        return free is None or free >= max(1, qos.prefetch_count // 2)
 
     def _deliver(self, channels) -> None:
         own_writes_seen = self.waiter.own_writes_seen()
         more = False
         for channel in channels:
             for _ in range(self.max_rounds):
+                if not self._claim_due(channel):
+                    break
                 try:
                     self.transport.deliver_batch(channel)
                 except Empty:
@@ -156,5 +186,8 @@ class HubConsumer:
             self.kick()
         if own_writes_seen:  # else the next readable event must still look
             self.waiter.mark_own_writes()
-        self._starved = [c for c in self.transport.consuming_channels()
-                         if not c.qos.can_consume()]
+        consuming = self.transport.consuming_channels()
+        self._starved = [c for c in consuming if not self._claim_due(c)]
+        limited = sum(1 for c in consuming if c.qos.prefetch_count)
+        # Channels without a limit are never starved.
+        self._pause(bool(self._starved) and len(self._starved) == limited)

@@ -244,3 +244,38 @@ def test_solo_worker_runs_tasks_and_answers_between_them(broker, worker_on):
     keep_busy(worker)
     wait_for(lambda: 'done' in worker.marks_of('job2'), 30, what='the three tasks')
     assert worker.ping()
+
+
+def test_hub_waits_for_half_the_budget_and_still_serves_an_unlimited_channel(
+        db_url, hub_consumer):
+    # A Celery worker's task channel has a prefetch limit, its remote control
+    # channel none.  While the task channel waits for acks the hub stops
+    # watching commits; the control channel must still get its messages.
+    control = Queue('control', Exchange('control', 'direct'), 'control')
+    with Connection(db_url) as conn:
+        WORK(conn.default_channel).declare()
+        control(conn.default_channel).declare()
+    publish_from_another_process(db_url, *[str(i) for i in range(6)])
+    consumer = hub_consumer(prefetch_count=4, ack=False)
+    commands = []
+    Consumer(consumer.conn.channel(), [control], no_ack=True,
+             callbacks=[lambda body, message: commands.append(body)]).consume()
+    consumer.run_until(lambda: len(consumer.got) == 4, 10, 'the first four messages')
+    consumer.run_for(0.3)
+    assert bodies(consumer) == ['0', '1', '2', '3'], 'delivered past the prefetch budget'
+
+    code = ('import sys, kombu_sqlite\n'
+            'from kombu import Connection\n'
+            'with Connection(sys.argv[1]) as conn:\n'
+            '    conn.Producer().publish("ping", exchange="control", routing_key="control")\n')
+    subprocess.run([sys.executable, '-c', code, db_url], check=True, timeout=60)
+    sent = time.monotonic()
+    consumer.run_until(lambda: commands, 10, 'the control message')
+    assert time.monotonic() - sent < 0.5, 'the unlimited channel waited for the busy one'
+
+    consumer.got[0][1].ack()  # one of four free: not yet worth a claim
+    consumer.run_for(0.3)
+    assert len(consumer.got) == 4
+    consumer.got[1][1].ack()  # half the budget free: one claim brings both
+    consumer.run_until(lambda: len(consumer.got) == 6, 10, 'the last two messages')
+    assert bodies(consumer) == [str(i) for i in range(6)]
