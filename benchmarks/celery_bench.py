@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -46,6 +47,48 @@ def start_worker(broker, counter: Path, log: Path, pool: str, concurrency: int):
     return proc
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f'/proc/{pid}/task/{pid}/children').read_text().split()]
+    except OSError:
+        return []
+
+
+class CpuAccount:
+    """CPU seconds spent by each side of a run: where a task's cost goes.
+
+    The worker's main process (consumer, dispatch, acks), its pool processes,
+    this harness (the publishing ``apply_async`` loop; it sleeps otherwise) and
+    the broker's server process, if it has one.
+    """
+
+    def __init__(self, worker_pid: int, server_pid: int | None):
+        self.worker_pid, self.server_pid = worker_pid, server_pid
+        self.start = self._read()
+
+    def _read(self) -> dict:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = {'worker main': procs.cpu_seconds(self.worker_pid),
+               'pool processes': sum(_cpu_or_zero(c) for c in _children(self.worker_pid)),
+               'publisher': usage.ru_utime + usage.ru_stime}
+        if self.server_pid:
+            cpu['broker server'] = procs.cpu_seconds(self.server_pid)
+        return cpu
+
+    def per_task_us(self, n: int) -> dict:
+        end = self._read()
+        out = {k: round((end[k] - self.start[k]) / n * 1e6) for k in end}
+        out['total'] = sum(out.values())
+        return out
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return procs.cpu_seconds(pid)
+    except OSError:  # a pool process that ended meanwhile
+        return 0.0
+
+
 def _tail(log: Path, lines: int = 30) -> str:
     return '\n'.join(log.read_text(errors='replace').splitlines()[-lines:])
 
@@ -62,6 +105,7 @@ def measure(broker, n: int, pool: str, concurrency: int, timeout: float = 600) -
             tick.apply_async(producer=producer)  # warm-up: pool processes, connections
             procs.wait_for(lambda: _count(counter) >= 1, 60, 0.005, 'the warm-up task')
             base = _count(counter)
+            cpu = CpuAccount(worker.pid, broker.server_pid)
             started = time.perf_counter()
             for _ in range(n):
                 tick.apply_async(producer=producer)
@@ -75,10 +119,11 @@ def measure(broker, n: int, pool: str, concurrency: int, timeout: float = 600) -
                                    f'tasks done after {timeout:.0f} s')
             time.sleep(0.002)
         elapsed = time.perf_counter() - started
+        cpu_us = cpu.per_task_us(n)
     finally:
         # Cold shutdown: the run is over, and a warm one takes seconds per worker.
         procs.stop(worker, sig=signal.SIGQUIT)
         app.close()
     return {'tasks': n, 'seconds': elapsed, 'rate': n / elapsed,
-            'publish_seconds': published,
+            'publish_seconds': published, 'cpu_us_per_task': cpu_us,
             'pool': f'{pool} -c {concurrency}, prefetch multiplier {PREFETCH_MULTIPLIER}'}
