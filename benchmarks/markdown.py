@@ -47,12 +47,14 @@ def main_suite(data: dict) -> list[str]:
         [broker, *[' / '.join(_n(x) for x in r.get(m, {}).get('round_rates', []))
                    for m, _ in THROUGHPUT]]
         for broker, r in res.items()])
-    out += ['', 'CPU per task in the Celery runs (the median round), microseconds:', '']
     parts = ('worker main', 'pool processes', 'publisher', 'broker server', 'total')
-    out += _table(['broker', 'pool', *parts], [
-        [broker, r[m]['pool'].split(',')[0], *[_n(r[m]['cpu_us_per_task'].get(k)) for k in parts]]
-        for broker, r in res.items() for m in ('celery_prefork', 'celery_threads')
-        if 'cpu_us_per_task' in r.get(m, {})])
+    cpu_rows = [[broker, r[m]['pool'].split(',')[0],
+                 *[_n(r[m]['cpu_us_per_task'].get(k)) for k in parts]]
+                for broker, r in res.items() for m in ('celery_prefork', 'celery_threads')
+                if 'cpu_us_per_task' in r.get(m, {})]
+    if cpu_rows:  # results files before the CPU accounting have none
+        out += ['', 'CPU per task in the Celery runs (the median round), microseconds:', '']
+        out += _table(['broker', 'pool', *parts], cpu_rows)
     out += ['']
     out += _table(['ratio', 'value'], [[k, f'{v:.2f}x'] for k, v in data['ratios'].items()])
     out += ['', *(f'- error: {e}' for e in data.get('errors', [])), '']
