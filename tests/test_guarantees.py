@@ -304,6 +304,52 @@ def test_message_never_acked_is_dead_lettered_after_max_deliveries(db_url, procs
         assert broker.stats()['q']['counters']['dead_lettered'] == 1
 
 
+def test_no_ack_consumer_dead_letters_a_message_over_max_deliveries_and_takes_the_rest(
+        db_url, procs):
+    # 'fine' is stored first but served after the poison (priority 9 after 0):
+    # the takers get only the poison, and the batch the no_ack consumer takes
+    # holds both, the good message first in the file.
+    publish(db_url, ['fine', 'poison'], priorities=[9, 0])
+    taker = """
+        conn = Connection(conn.as_uri(), transport_options={
+            'visibility_timeout': 0.5, 'housekeeping_interval': 0.1, 'max_deliveries': 2})
+        message = conn.default_channel.basic_get('q')
+        print(message and message.payload, flush=True)
+        os._exit(0)                                # dies holding it, every time
+        """
+    no_ack_taker = """
+        import socket
+        conn = Connection(conn.as_uri(), transport_options={'max_deliveries': 2})
+        got = []
+        with Consumer(conn, [Queue('q')], no_ack=True, prefetch_count=10,
+                      callbacks=[lambda body, message: got.append(body)]):
+            try:
+                while True:
+                    conn.drain_events(timeout=1)
+            except socket.timeout:
+                pass
+        print(got, flush=True)
+        """
+    with Connection(db_url, transport_options={'housekeeping_interval': 0.1}) as sweeper:
+        sweeper.connect()
+        for delivery in (1, 2):
+            wait_for(lambda: in_ready(db_url) == 2, 10, what=f'delivery {delivery}')
+            assert finished(procs, run_client(procs, db_url, taker)).strip() == 'poison'
+        wait_for(lambda: in_ready(db_url) == 2, 10, what='the lease to run out again')
+    taken_at = time.time()
+    assert finished(procs, run_client(procs, db_url, no_ack_taker)).strip() == "['fine']"
+    assert in_file(db_url) == 0
+    with Broker(db_url) as broker:
+        [dead] = broker.dead_letters('q')
+        assert broker.stats()['q']['counters']['dead_lettered'] == 1
+    assert (dead['reason'], dead['delivery_count'], dead['priority']) == ('max_deliveries', 2, 0)
+    assert taken_at - 1 <= dead['dead_at'] <= time.time()
+    with Broker(db_url) as broker:
+        assert broker.requeue_dead('q') == 1
+    with Connection(db_url) as conn:
+        assert conn.default_channel.basic_get('q').payload == 'poison'
+
+
 def in_ready(url, queue='q'):
     with Broker(url) as broker:
         return broker.stats()[queue]['ready']
