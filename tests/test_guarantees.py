@@ -278,24 +278,34 @@ def test_rejected_message_is_kept_as_a_dead_letter(db_url, procs):
         assert conn.default_channel.basic_get('q').payload == 'bad'
 
 
+#: Takes one message with a lease it never renews, on a limit of two deliveries,
+#: and dies holding it.
+DYING_TAKER = """
+    conn = Connection(conn.as_uri(), transport_options={
+        'visibility_timeout': 0.5, 'housekeeping_interval': 0.1, 'max_deliveries': 2})
+    message = conn.default_channel.basic_get('q')
+    print(message and message.payload, flush=True)
+    os._exit(0)                                # dies holding it, every time
+    """
+
+
+def deliver_poison_twice(db_url, procs, ready):
+    """Two takers get 'poison' and die holding it; returns once its lease ran
+    out again, with ``ready`` messages ready.  Call with a sweeping connection open."""
+    for delivery in (1, 2):
+        wait_for(lambda: in_ready(db_url) == ready, 10, what=f'delivery {delivery}')
+        assert finished(procs, run_client(procs, db_url, DYING_TAKER)).strip() == 'poison'
+    wait_for(lambda: in_ready(db_url) == ready, 10, what='the lease to run out again')
+
+
 def test_message_never_acked_is_dead_lettered_after_max_deliveries(db_url, procs):
     publish(db_url, ['poison'])
-    taker = """
-        conn = Connection(conn.as_uri(), transport_options={
-            'visibility_timeout': 0.5, 'housekeeping_interval': 0.1, 'max_deliveries': 2})
-        message = conn.default_channel.basic_get('q')
-        print(message and message.payload, flush=True)
-        os._exit(0)                                # dies holding it, every time
-        """
     # A connection left open here sweeps expired leases, as a live worker's would.
     with Connection(db_url, transport_options={'housekeeping_interval': 0.1}) as sweeper:
         sweeper.connect()
-        for delivery in (1, 2):
-            wait_for(lambda: in_ready(db_url) == 1, 10, what=f'delivery {delivery}')
-            assert finished(procs, run_client(procs, db_url, taker)).strip() == 'poison'
-        wait_for(lambda: in_ready(db_url) == 1, 10, what='the lease to run out again')
+        deliver_poison_twice(db_url, procs, ready=1)
         # The third claim finds it over the limit: dead-lettered, not delivered.
-        assert finished(procs, run_client(procs, db_url, taker)).strip() == 'None'
+        assert finished(procs, run_client(procs, db_url, DYING_TAKER)).strip() == 'None'
     assert in_file(db_url) == 0
     with Broker(db_url) as broker:
         [dead] = broker.dead_letters('q')
@@ -310,13 +320,6 @@ def test_no_ack_consumer_dead_letters_a_message_over_max_deliveries_and_takes_th
     # the takers get only the poison, and the batch the no_ack consumer takes
     # holds both, the good message first in the file.
     publish(db_url, ['fine', 'poison'], priorities=[9, 0])
-    taker = """
-        conn = Connection(conn.as_uri(), transport_options={
-            'visibility_timeout': 0.5, 'housekeeping_interval': 0.1, 'max_deliveries': 2})
-        message = conn.default_channel.basic_get('q')
-        print(message and message.payload, flush=True)
-        os._exit(0)                                # dies holding it, every time
-        """
     no_ack_taker = """
         import socket
         conn = Connection(conn.as_uri(), transport_options={'max_deliveries': 2})
@@ -332,10 +335,7 @@ def test_no_ack_consumer_dead_letters_a_message_over_max_deliveries_and_takes_th
         """
     with Connection(db_url, transport_options={'housekeeping_interval': 0.1}) as sweeper:
         sweeper.connect()
-        for delivery in (1, 2):
-            wait_for(lambda: in_ready(db_url) == 2, 10, what=f'delivery {delivery}')
-            assert finished(procs, run_client(procs, db_url, taker)).strip() == 'poison'
-        wait_for(lambda: in_ready(db_url) == 2, 10, what='the lease to run out again')
+        deliver_poison_twice(db_url, procs, ready=2)
     taken_at = time.time()
     assert finished(procs, run_client(procs, db_url, no_ack_taker)).strip() == "['fine']"
     assert in_file(db_url) == 0
