@@ -72,6 +72,13 @@ ROUTED_POLICIES = """
 """
 ROUTED_QUEUES = 'SELECT b.queue FROM kombu_binding b WHERE b.exchange = :exchange AND {match}'
 
+#: exchange type -> (policies, insert, queues): the three routed statements,
+#: formatted once rather than on every publish.
+ROUTED = {type: (ROUTED_POLICIES.format(match=match),
+                 PUBLISH_ROUTED.format(match=match) + ' RETURNING queue',
+                 ROUTED_QUEUES.format(match=match))
+          for type, match in ROUTING_RULES.items()}
+
 
 #: The next ready messages of a queue, one statement per delivery order: the
 #: claim takes their ids, ``peek`` shows them.  ``before`` is the same order
@@ -273,15 +280,14 @@ class Store:
     def publish_routed(self, exchange: str, type: str, routing_key: str,
                        params: dict) -> int:
         """Insert one copy per queue bound to ``exchange`` that matches."""
-        match = ROUTING_RULES[type]
+        policies, insert, routed_queues = ROUTED[type]
         args = dict(params, exchange=exchange, routing_key=routing_key or '')
         conn = self.db.conn
-        if not conn.execute(ROUTED_POLICIES.format(match=match), args).fetchone():
+        if not conn.execute(policies, args).fetchone():
             with self.db.transaction() as conn:  # quick lock waits: see db.QUICK_LOCK_WAITS
-                queues = [r[0] for r in conn.execute(
-                    PUBLISH_ROUTED.format(match=match) + ' RETURNING queue', args)]
+                queues = [r[0] for r in conn.execute(insert, args)]
         else:
-            queues = [r[0] for r in conn.execute(ROUTED_QUEUES.format(match=match), args)]
+            queues = [r[0] for r in conn.execute(routed_queues, args)]
             self._publish_with_policies(queues, params)
         for queue in queues:
             self.counters[queue, 'published'] += 1
